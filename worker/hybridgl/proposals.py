@@ -1,0 +1,179 @@
+"""Step 1: SAM automatic mask proposals.
+
+This is segment-anything's ``SamAutomaticMaskGenerator`` algorithm, step for step and built from
+its own utility functions, so the masks, their order and their boxes are the generator's (a test
+compares both on real photos). Two things differ, neither changing a result:
+
+- masks below ``pred_iou_thresh`` are dropped *before* their logits are upsampled to the image
+  size (the IoU prediction does not depend on the upsampled mask), which saves most of SAM's
+  post-processing time;
+- masks stay boolean tensors throughout instead of going through RLE and back.
+
+It also returns the full-image SAM embedding, so that point prompts (interactive clicks) can
+refine a mask later without running the image encoder again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from segment_anything.utils.amg import (
+    MaskData,
+    batch_iterator,
+    batched_mask_to_box,
+    build_all_layer_point_grids,
+    calculate_stability_score,
+    generate_crop_boxes,
+    is_box_near_crop_edge,
+    remove_small_regions,
+    uncrop_boxes_xyxy,
+    uncrop_masks,
+    uncrop_points,
+)
+from segment_anything.utils.transforms import ResizeLongestSide
+from torchvision.ops.boxes import batched_nms, box_area
+
+# HYBRIDGL.md step 1. Values not named are SAM's defaults.
+PRESETS: dict[str, dict] = {
+    "refcoco": dict(points_per_side=8, pred_iou_thresh=0.7, stability_score_thresh=0.7,
+                    crop_n_layers=0, crop_n_points_downscale_factor=1, min_mask_region_area=800),
+    "phrasecut": dict(points_per_side=64, pred_iou_thresh=0.86, stability_score_thresh=0.92,
+                      crop_n_layers=1, crop_n_points_downscale_factor=2, min_mask_region_area=100),
+}
+SAM_DEFAULTS = dict(stability_score_offset=1.0, box_nms_thresh=0.7, crop_overlap_ratio=512 / 1500,
+                    crop_nms_thresh=0.7)
+
+
+@dataclass
+class Proposals:
+    masks: torch.Tensor  # (N, H, W) bool, in the generator's output order
+    boxes: np.ndarray  # (N, 4) float64 x, y, w, h (SAM's bbox: inclusive pixel indices)
+    embedding: torch.Tensor | None  # (256, 64, 64) SAM embedding of the whole image
+    input_size: tuple[int, int]  # size of the resized image the embedding saw (h, w)
+
+
+class MaskProposer:
+    """Automatic masks for one SAM model and one preset."""
+
+    def __init__(self, sam, preset: str = "refcoco", points_per_batch: int = 64):
+        if preset not in PRESETS:
+            raise ValueError(f"unknown SAM preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        self.sam = sam
+        self.params = {**SAM_DEFAULTS, **PRESETS[preset]}
+        self.points_per_batch = points_per_batch
+        p = self.params
+        self.point_grids = build_all_layer_point_grids(
+            p["points_per_side"], p["crop_n_layers"], p["crop_n_points_downscale_factor"])
+        self.transform = ResizeLongestSide(sam.image_encoder.img_size)
+
+    @property
+    def device(self) -> torch.device:
+        return self.sam.device
+
+    @torch.inference_mode()
+    def __call__(self, image: np.ndarray) -> Proposals:
+        """``image``: uint8 RGB (H, W, 3)."""
+        p = self.params
+        orig_size = image.shape[:2]
+        crop_boxes, layer_idxs = generate_crop_boxes(orig_size, p["crop_n_layers"], p["crop_overlap_ratio"])
+        data = MaskData()
+        embedding = None
+        input_size = (0, 0)
+        for crop_box, layer_idx in zip(crop_boxes, layer_idxs):
+            crop_data, crop_embedding, crop_input_size = self._process_crop(image, crop_box, layer_idx, orig_size)
+            if embedding is None:  # the first crop is the whole image
+                embedding, input_size = crop_embedding, crop_input_size
+            data.cat(crop_data)
+
+        if len(crop_boxes) > 1 and len(data["iou_preds"]) > 0:
+            # Prefer masks from smaller crops, as SAM does.
+            scores = 1 / box_area(data["crop_boxes"])
+            keep = batched_nms(data["boxes"].float(), scores.to(data["boxes"].device),
+                               torch.zeros_like(data["boxes"][:, 0]), iou_threshold=p["crop_nms_thresh"])
+            data.filter(keep)
+
+        masks = data["masks"] if "masks" in data._stats else torch.zeros((0, *orig_size), dtype=torch.bool)
+        boxes = data["boxes"] if "boxes" in data._stats else torch.zeros((0, 4))
+        if p["min_mask_region_area"] > 0 and len(masks) > 0:
+            masks, boxes = self._remove_small_regions(masks, boxes, p["min_mask_region_area"],
+                                                      max(p["box_nms_thresh"], p["crop_nms_thresh"]))
+        boxes = boxes.cpu().double().numpy()
+        xywh = np.stack([boxes[:, 0], boxes[:, 1], boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]], axis=1) \
+            if len(boxes) else np.zeros((0, 4))
+        return Proposals(masks=masks.cpu(), boxes=xywh, embedding=embedding, input_size=input_size)
+
+    def _process_crop(self, image, crop_box, layer_idx, orig_size):
+        x0, y0, x1, y1 = crop_box
+        crop = image[y0:y1, x0:x1, :]
+        crop_size = crop.shape[:2]
+        input_image = self.transform.apply_image(crop)
+        input_tensor = torch.as_tensor(input_image, device=self.device).permute(2, 0, 1).contiguous()[None]
+        input_size = tuple(input_tensor.shape[-2:])
+        features = self.sam.image_encoder(self.sam.preprocess(input_tensor))
+
+        points_for_image = self.point_grids[layer_idx] * np.array(crop_size)[None, ::-1]
+        data = MaskData()
+        for (points,) in batch_iterator(self.points_per_batch, points_for_image):
+            data.cat(self._process_batch(points, features, crop_size, input_size, crop_box, orig_size))
+
+        if len(data["iou_preds"]) > 0:
+            keep = batched_nms(data["boxes"].float(), data["iou_preds"],
+                               torch.zeros_like(data["boxes"][:, 0]), iou_threshold=self.params["box_nms_thresh"])
+            data.filter(keep)
+        data["boxes"] = uncrop_boxes_xyxy(data["boxes"], crop_box)
+        data["points"] = uncrop_points(data["points"], crop_box)
+        data["crop_boxes"] = torch.tensor([crop_box for _ in range(len(data["iou_preds"]))])
+        data["masks"] = uncrop_masks(data["masks"], crop_box, *orig_size)
+        return data, features[0], input_size
+
+    def _process_batch(self, points, features, crop_size, input_size, crop_box, orig_size):
+        p = self.params
+        sam = self.sam
+        in_points = torch.as_tensor(self.transform.apply_coords(points, crop_size), device=self.device)
+        in_labels = torch.ones(in_points.shape[0], dtype=torch.int, device=self.device)
+        sparse, dense = sam.prompt_encoder(points=(in_points[:, None, :], in_labels[:, None]), boxes=None, masks=None)
+        low_res, iou_preds = sam.mask_decoder(
+            image_embeddings=features, image_pe=sam.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=True)
+
+        n_out = low_res.shape[1]
+        data = MaskData(low_res=low_res.flatten(0, 1), iou_preds=iou_preds.flatten(0, 1),
+                        points=torch.as_tensor(points.repeat(n_out, axis=0)))
+        if p["pred_iou_thresh"] > 0.0:
+            data.filter(data["iou_preds"] > p["pred_iou_thresh"])
+        # Only the survivors are upsampled: the same per-mask computation as SAM's predict_torch.
+        masks = sam.postprocess_masks(data["low_res"][:, None], input_size, crop_size)[:, 0]
+        del data["low_res"]
+        data["masks"] = masks
+        data["stability_score"] = calculate_stability_score(masks, sam.mask_threshold, p["stability_score_offset"])
+        if p["stability_score_thresh"] > 0.0:
+            data.filter(data["stability_score"] >= p["stability_score_thresh"])
+        data["masks"] = data["masks"] > sam.mask_threshold
+        data["boxes"] = batched_mask_to_box(data["masks"])
+        keep = ~is_box_near_crop_edge(data["boxes"], crop_box, [0, 0, orig_size[1], orig_size[0]])
+        if not torch.all(keep):
+            data.filter(keep)
+        return data
+
+    @staticmethod
+    def _remove_small_regions(masks: torch.Tensor, boxes: torch.Tensor, min_area: int, nms_thresh: float):
+        """SAM's ``postprocess_small_regions`` on boolean masks (no RLE round trip)."""
+        new_masks, scores = [], []
+        for mask in masks.cpu().numpy():
+            mask, changed_holes = remove_small_regions(mask, min_area, mode="holes")
+            mask, changed_islands = remove_small_regions(mask, min_area, mode="islands")
+            new_masks.append(torch.as_tensor(mask))
+            scores.append(float(not (changed_holes or changed_islands)))
+        new_masks_t = torch.stack(new_masks)
+        new_boxes = batched_mask_to_box(new_masks_t)
+        keep = batched_nms(new_boxes.float(), torch.as_tensor(scores), torch.zeros_like(new_boxes[:, 0]),
+                           iou_threshold=nms_thresh)
+        boxes = boxes.clone().cpu()
+        out_masks = masks.cpu().clone()
+        for i in keep.tolist():
+            if scores[i] == 0.0:  # SAM keeps a changed mask's recomputed box and mask
+                out_masks[i] = new_masks_t[i]
+                boxes[i] = new_boxes[i]
+        return out_masks[keep], boxes[keep]
