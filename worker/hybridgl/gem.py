@@ -19,7 +19,7 @@ from .regions import CLIP_MEAN, CLIP_STD
 def gem_input(image: np.ndarray, size: int = 448) -> torch.Tensor:
     """The original image resized with PIL bicubic to size x size, /255, CLIP mean/std: (1, 3, S, S)."""
     resized = Image.fromarray(image).resize((size, size), Image.BICUBIC)
-    t = torch.from_numpy(np.asarray(resized)).permute(2, 0, 1).float() / 255.0
+    t = torch.tensor(np.asarray(resized)).permute(2, 0, 1).float() / 255.0
     t = (t - torch.tensor(CLIP_MEAN).view(3, 1, 1)) / torch.tensor(CLIP_STD).view(3, 1, 1)
     return t[None]
 
@@ -79,6 +79,8 @@ def heat_map(patch_features: torch.Tensor, text_feature: torch.Tensor, out_hw: t
     """Normalized heat map A (H, W) for one normalized text feature; None when it is constant."""
     grid = int(round(patch_features.shape[0] ** 0.5))
     sim = (patch_features.float() @ text_feature.float()).reshape(1, 1, grid, grid)
+    if not sim.max() > sim.min():  # constant: interpolation would only stretch rounding noise
+        return None
     a = F.interpolate(sim, (size, size), mode="bilinear", align_corners=False, antialias=False)
     a = _min_max(a)
     if a is None:

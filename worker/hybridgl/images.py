@@ -43,6 +43,8 @@ def load_image(source, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
             image = Image.open(io.BytesIO(data))
             _check_pixels(image.size, max_pixels, name)
             image.load()
+    except ImageError:
+        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageError(f"{name} declares too many pixels to decode safely (limit {max_pixels:,})") from None
     except UnidentifiedImageError:
@@ -86,6 +88,9 @@ def _array_to_rgb(arr: np.ndarray) -> np.ndarray:
         raise ImageError(f"an image array must be uint8, not {arr.dtype}")
     if arr.shape[0] < 1 or arr.shape[1] < 1:
         raise ImageError(f"the image array has no pixels {arr.shape}")
+    if arr.shape[2] == 4:  # on white, like a transparent file
+        alpha = arr[:, :, 3:].astype(np.float32) / 255.0
+        arr = (arr[:, :, :3] * alpha + 255.0 * (1 - alpha)).round().astype(np.uint8)
     return np.ascontiguousarray(arr[:, :, :3])
 
 

@@ -84,7 +84,7 @@ def compose_views_full(image: np.ndarray, masks: torch.Tensor, size: int = 224, 
     mean, std, background = view_normalization(normalization)
     mean, std = mean.view(3, 1, 1), std.view(3, 1, 1)
     blurred = cv2.GaussianBlur(image, (blur_kernel, blur_kernel), 0)
-    sharp_n = (torch.from_numpy(image).permute(2, 0, 1).float() / 255.0 - mean) / std
+    sharp_n = (torch.tensor(image).permute(2, 0, 1).float() / 255.0 - mean) / std
     locals_, globals_ = [], []
     for mask in masks:
         g = np.where(mask.numpy()[:, :, None], image, blurred)  # uint8 composition, as released

@@ -1,0 +1,118 @@
+"""The ``hybridgl`` command. Heavy modules are imported inside each subcommand, so that
+``hybridgl serve`` never loads torch."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per setting (``--sam-model`` for HYBRIDGL_SAM_MODEL ...); unset flags keep env/defaults."""
+    from worker.hybridgl.settings import env_name, setting_fields
+
+    group = parser.add_argument_group("method settings (each also read from its environment variable)")
+    for f in setting_fields():
+        flag = "--" + f.name.replace("_", "-")
+        kind = type(f.default)
+        help_text = f"{f.metadata['help']} [{env_name(f.name)}, default {f.default!r}]"
+        if kind is bool:
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            group.add_argument(flag, dest=f.name, type=kind, default=None, choices=f.metadata.get("choices"),
+                               help=help_text)
+
+
+def settings_from_args(args: argparse.Namespace):
+    from worker.hybridgl.settings import Settings, setting_fields
+
+    return Settings.from_env(**{f.name: getattr(args, f.name, None) for f in setting_fields()})
+
+
+def _slug(text: str, limit: int = 40) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "expression"
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    import numpy as np
+    from PIL import Image
+
+    from worker.hybridgl.images import load_image
+    from worker.hybridgl.pipeline import HybridGL
+    from worker.hybridgl.render import overlay
+
+    settings = settings_from_args(args)
+    rgb = load_image(args.image)
+    proposals = None
+    if args.proposals:
+        with np.load(args.proposals, allow_pickle=False) as z:
+            if "masks" not in z:
+                raise ValueError(f"{args.proposals} has no array named 'masks' (N x H x W bool)")
+            proposals = z["masks"]
+    pipeline = HybridGL(settings)
+    index = pipeline.index(rgb, proposals)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = Path(args.image).stem
+    for n, expression in enumerate(args.expressions):
+        result = pipeline.query(index, expression)
+        base = out / f"{stem}_{n:02d}_{_slug(expression)}"
+        Image.fromarray(result.mask.astype(np.uint8) * 255).save(f"{base}.mask.png")
+        Image.fromarray(overlay(rgb, result.mask, index.boxes[result.chosen])).save(f"{base}.overlay.png")
+        Path(f"{base}.json").write_text(json.dumps(result.explanation, indent=1))
+        print(f"{expression!r}: mask {result.chosen} of {len(index)} (pure {result.pure}, score {result.score:.3f}) "
+              f"-> {base}.mask.png")
+    return 0
+
+
+def cmd_weights(args: argparse.Namespace) -> int:
+    from worker import weights_command
+
+    return weights_command.run(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hybridgl", description="Text-prompted segmentation (HybridGL) for Label Studio.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    seg = sub.add_parser("segment", help="segment an image with one or more referring expressions")
+    seg.add_argument("image", help="image file")
+    seg.add_argument("expressions", nargs="+", metavar="EXPRESSION", help="referring expression(s)")
+    seg.add_argument("--out", required=True, help="output folder (mask PNG, overlay PNG, JSON explanation)")
+    seg.add_argument("--proposals", help=".npz with an array 'masks' (N x H x W bool) replacing SAM's proposals")
+    add_settings_arguments(seg)
+    seg.set_defaults(func=cmd_segment)
+
+    from worker import weights_command
+
+    weights = sub.add_parser("weights", help="list, fetch and verify model weights")
+    weights_command.add_arguments(weights)
+    weights.set_defaults(func=cmd_weights)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the command line shows a message, not a traceback
+        if not _is_user_error(exc):
+            raise
+        print(f"hybridgl {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _is_user_error(exc: Exception) -> bool:
+    """Errors whose message tells the user what to do (bad input, missing weights, settings)."""
+    from worker.hybridgl.models import WeightsNotFoundError
+
+    return isinstance(exc, (WeightsNotFoundError, ValueError, FileNotFoundError))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
