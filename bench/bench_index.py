@@ -1,0 +1,151 @@
+"""Index and query speed of the pipeline, against the plain and the official ways, in one run.
+
+    .venv/bin/python bench/bench_index.py [--precision auto] [--k 5] [--queries 20]
+
+Models: real MobileSAM and the real ViT-B/16 architecture with random weights (speed does not
+depend on the weights), both loaded by the production code from the test weights
+(`hybridgl weights --test-weights .cache/test-weights` makes them). Photo: the SAM demo truck
+cropped to 4:3 and resized to 1080x810.
+
+Compared, all measured here in the same process:
+- ours: ``HybridGL.index`` (our proposal generator, views from bilinear taps, the chosen
+  precision), then queries on the built index;
+- plain: segment-anything's stock generator, views composed at full resolution, fp32;
+- official: what the release does per expression: the plain index rebuilt for every expression.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from worker.hybridgl.gem import gem_patch_features  # noqa: E402
+from worker.hybridgl.image_index import ImageIndex  # noqa: E402
+from worker.hybridgl.pipeline import HybridGL  # noqa: E402
+from worker.hybridgl.proposals import PRESETS  # noqa: E402
+from worker.hybridgl.regions import compose_views_full, hybrid_features, mask_weights  # noqa: E402
+from worker.hybridgl.settings import Settings  # noqa: E402
+from worker.weights_command import OPENAI_CLIP, prepare_test_weights  # noqa: E402
+
+EXPRESSIONS = [
+    "the truck on the left", "front wheel of the truck", "the window above the door", "the bigger tire",
+    "sky", "the man in the white shirt on the left", "bottom right corner", "the smaller wheel under the truck",
+    "a tree behind the truck", "the red door", "the mirror", "the ground in front of the truck",
+    "the cabin of the truck", "the left most wheel", "the shadow under the truck", "top of the truck",
+    "the bumper", "the rear wheel", "the building behind", "the headlight on the right",
+]
+
+
+def photo() -> np.ndarray:
+    image = Image.open(REPO / "tests" / "data" / "truck.jpg").convert("RGB")
+    return np.asarray(image.crop((100, 0, 1700, 1200)).resize((1080, 810), Image.BICUBIC))
+
+
+def plain_index(pipeline: HybridGL, rgb: np.ndarray, timings: dict) -> ImageIndex:
+    """The plain way: stock SAM generator, full-resolution views, fp32 everywhere."""
+    from segment_anything import SamAutomaticMaskGenerator
+
+    from worker.hybridgl.image_index import boxes_from_masks
+
+    s = pipeline.settings
+    visual = pipeline.models.clip.visual
+    t0 = time.perf_counter()
+    generated = SamAutomaticMaskGenerator(pipeline.models.sam, **PRESETS[s.sam_preset]).generate(rgb)
+    masks = torch.from_numpy(np.stack([g["segmentation"] for g in generated]))
+    t1 = time.perf_counter()
+    local, global_ = compose_views_full(rgb, masks, s.view_size, s.blur_kernel, s.normalization)
+    t2 = time.perf_counter()
+    feats = hybrid_features(visual, local, global_, mask_weights(masks, visual.grid_size[0]), s.masking_block,
+                            s.fusion_weight, torch.float32)
+    t3 = time.perf_counter()
+    gem = gem_patch_features(visual, rgb, s.gem_size, s.gem_blocks, s.gem_ss_iters, torch.float32)
+    t4 = time.perf_counter()
+    timings.update(proposals=t1 - t0, views=t2 - t1, regions=t3 - t2, gem=t4 - t3)
+    return ImageIndex(key="plain", image_size=rgb.shape[:2], masks=masks, boxes=boxes_from_masks(masks),
+                      features=feats, gem_features=gem)
+
+
+def fmt(timings: dict) -> str:
+    return ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()) + f"  (total {sum(timings.values()):.2f} s)"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--precision", default="auto", help="precision of our index (fp32, bf16, fp16, auto)")
+    ap.add_argument("--k", type=int, default=5, help="expressions per image for the official-way comparison")
+    ap.add_argument("--queries", type=int, default=20, help="queries timed on the built index")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--weights", default=str(REPO / ".cache" / "test-weights"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    paths = prepare_test_weights(args.weights)
+    base = Settings(sam_model="vit_t", sam_checkpoint=str(paths["vit_t"]), clip_model=OPENAI_CLIP,
+                    clip_checkpoint=str(paths[OPENAI_CLIP]), weights_dir=str(paths["dir"]))
+    ours = HybridGL(base.replace(precision=args.precision))
+    plain = HybridGL(base.replace(precision="fp32"), ours.models.__class__(
+        **{**ours.models.__dict__, "dtype": torch.float32}))
+    rgb = photo()
+    print(f"device {ours.models.device}, threads {torch.get_num_threads()}, image {rgb.shape[1]}x{rgb.shape[0]}, "
+          f"our precision {ours.models.dtype}, CLIP {OPENAI_CLIP} (random weights), SAM vit_t (MobileSAM)")
+
+    ours.index(rgb)  # warm-up: first calls allocate and pick kernels
+    t_ours = {}
+    start = time.perf_counter()
+    index = ours.index(rgb, timings=t_ours)
+    ours_total = time.perf_counter() - start
+    print(f"ours   index: {fmt(t_ours)}; {len(index)} masks")
+
+    t_plain = {}
+    start = time.perf_counter()
+    reference = plain_index(plain, rgb, t_plain)
+    plain_total = time.perf_counter() - start
+    print(f"plain  index: {fmt(t_plain)}")
+    same_masks = torch.equal(reference.masks, index.masks)
+    cos = (reference.features * index.features).sum(-1) / index.features.norm(dim=-1)
+    gem_cos = (reference.gem_features * index.gem_features).sum(-1) / index.gem_features.norm(dim=-1)
+    print(f"  same masks as plain: {same_masks}; region-feature cosine to plain min {cos.min():.5f}, "
+          f"GEM patch cosine min {gem_cos.min():.5f}")
+
+    query_times = []
+    for expression in EXPRESSIONS[: args.queries]:
+        ours._text_cache.clear()  # text encoding included: every query here is a new expression
+        start = time.perf_counter()
+        ours.query(index, expression)
+        query_times.append(time.perf_counter() - start)
+    p50 = statistics.median(query_times)
+    print(f"query on the index: p50 {p50 * 1000:.1f} ms, max {max(query_times) * 1000:.1f} ms "
+          f"over {len(query_times)} new expressions")
+
+    expressions = EXPRESSIONS[: args.k]
+    start = time.perf_counter()
+    for expression in expressions:  # the release: everything again per expression
+        plain._text_cache.clear()
+        plain.query(plain_index(plain, rgb, {}), expression)
+    official = time.perf_counter() - start
+    start = time.perf_counter()
+    shared = ours.index(rgb)
+    for expression in expressions:
+        ours.query(shared, expression)
+    ours_k = time.perf_counter() - start
+
+    print()
+    print(f"K={args.k} expressions: official way {official:.1f} s, ours {ours_k:.1f} s  "
+          f"-> {official / ours_k:.1f}x (target >= 4x)")
+    print(f"index: plain {plain_total:.1f} s, ours {ours_total:.1f} s -> {plain_total / ours_total:.2f}x (target >= 3x)")
+    print(f"query p50 / index build: {100 * p50 / ours_total:.2f} % (target <= 1 %)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
