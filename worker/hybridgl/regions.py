@@ -131,6 +131,30 @@ def hybrid_features(visual, local_views: torch.Tensor, global_views: torch.Tenso
     return torch.cat(outs) if outs else torch.zeros((0, visual.output_dim))
 
 
+@torch.inference_mode()
+def plain_hybrid_features(visual, local_views: torch.Tensor, global_views: torch.Tensor, weights: torch.Tensor,
+                          masking_block: int = 9, fusion_weight: float = 2.0) -> torch.Tensor:
+    """Step 3 transcribed plainly with open_clip's own blocks and a per-head float mask, every block
+    run in full: the reference for tests and the benchmark's baseline."""
+    heads = visual.transformer.resblocks[0].attn.num_heads
+    n = len(local_views)
+    x = visual_tokens(visual, torch.cat([local_views, global_views]))
+    for block in visual.transformer.resblocks[:masking_block]:
+        x = block(x)
+    loc, glob = x[:n], x[n:]
+    length = glob.shape[1]
+    mask = torch.zeros(n, length, length)
+    mask[:, 0, 1:][weights <= 0] = float("-inf")
+    mask = mask.repeat_interleave(heads, dim=0)
+    w = torch.cat([torch.ones(n, 1), weights], dim=1)[..., None]
+    for block in visual.transformer.resblocks[masking_block:]:
+        g_hat = glob * w
+        glob_next = block(glob, attn_mask=mask)
+        loc = block(loc + fusion_weight * g_hat)
+        glob = glob_next
+    return F.normalize(image_embedding(visual, loc[:, 0]), dim=-1)
+
+
 def _hybrid_batch(visual, local_views, global_views, weights, masking_block, fusion_weight, dtype):
     n = len(local_views)
     blocks = visual.transformer.resblocks
