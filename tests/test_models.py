@@ -347,9 +347,10 @@ def test_pick_device() -> None:
 
 # --- the command --------------------------------------------------------------------------------
 def run_command(argv: list[str], settings: Settings) -> int:
-    parser = argparse.ArgumentParser()
-    weights_command.add_arguments(parser)
-    return weights_command.run(parser.parse_args(argv), settings)
+    """`hybridgl weights ARGS`, parsed by the real command line, run with explicit settings."""
+    from worker.cli import build_parser
+
+    return weights_command.run(build_parser().parse_args(["weights", *argv]), settings)
 
 
 def test_command_lists_and_verifies(test_weights: dict[str, Path], tmp_path: Path,

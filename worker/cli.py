@@ -68,6 +68,30 @@ def cmd_segment(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    import uvicorn
+
+    from backend.app import create_app
+    from backend.config import ServeSettings
+
+    settings = ServeSettings.from_env(host=args.host, port=args.port)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level)
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    import logging
+
+    from backend.config import ServeSettings
+    from worker.runner import run_worker
+
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run_worker(ServeSettings.from_env(), settings_from_args(args), name=args.name, burst=args.burst)
+
+
 def cmd_weights(args: argparse.Namespace) -> int:
     from worker import weights_command
 
@@ -86,11 +110,31 @@ def build_parser() -> argparse.ArgumentParser:
     add_settings_arguments(seg)
     seg.set_defaults(func=cmd_segment)
 
-    from worker import weights_command
-
-    weights = sub.add_parser("weights", help="list, fetch and verify model weights")
-    weights_command.add_arguments(weights)
+    weights = sub.add_parser("weights", help="list, fetch and verify model weights",
+                             description="List, fetch and verify the weights the worker loads.")
+    weights.add_argument("weights_action", nargs="?", default="list", choices=("list", "fetch", "verify"),
+                         metavar="{list,fetch,verify}",
+                         help="list (default): registry and status in the weights directory; "
+                              "fetch: download with checksum; verify: check files, exit 1 on a problem")
+    weights.add_argument("weight_names", nargs="*", metavar="NAME",
+                         help="registry names (vit_h, vit_l, vit_b, vit_t, ViT-B-16); default: the ones the "
+                              "current settings use for fetch, all for list and verify")
+    weights.add_argument("--test-weights", metavar="DIR", type=Path,
+                         help="prepare the test weights (real MobileSAM, random CLIPs) in DIR and "
+                              "print the environment that uses them")
     weights.set_defaults(func=cmd_weights)
+
+    serve = sub.add_parser("serve", help="run the web backend Label Studio connects to (no model loaded here)")
+    serve.add_argument("--host", default=None, help="listen address [HYBRIDGL_HOST, default 0.0.0.0]")
+    serve.add_argument("--port", type=int, default=None, help="port [HYBRIDGL_PORT, default 9090]")
+    serve.add_argument("--log-level", default="info")
+    serve.set_defaults(func=cmd_serve)
+
+    work = sub.add_parser("worker", help="run an RQ worker that loads the models once and runs jobs")
+    work.add_argument("--name", help="worker name (default: hybridgl-<host>-<pid>)")
+    work.add_argument("--burst", action="store_true", help="exit when the queues are empty")
+    add_settings_arguments(work)
+    work.set_defaults(func=cmd_worker)
     return parser
 
 
@@ -109,9 +153,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _is_user_error(exc: Exception) -> bool:
     """Errors whose message tells the user what to do (bad input, missing weights, settings)."""
-    from worker.hybridgl.models import WeightsNotFoundError
+    import redis
 
-    return isinstance(exc, (WeightsNotFoundError, ValueError, FileNotFoundError))
+    from worker.hybridgl.models import WeightsError
+
+    return isinstance(exc, (WeightsError, ValueError, FileNotFoundError, redis.ConnectionError))
 
 
 if __name__ == "__main__":

@@ -202,20 +202,6 @@ def env_for_test_weights(paths: dict[str, Path], clip_model: str = TINY_CLIP) ->
 
 
 # --- the command --------------------------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = "List, fetch and verify the weights the worker loads."
-    parser.add_argument("weights_action", nargs="?", default="list", choices=("list", "fetch", "verify"),
-                        metavar="{list,fetch,verify}",
-                        help="list (default): registry and status in the weights directory; "
-                             "fetch: download with checksum; verify: check files, exit 1 on a problem")
-    parser.add_argument("weight_names", nargs="*", metavar="NAME",
-                        help=f"registry names ({', '.join(WEIGHTS)}); default: the ones the current "
-                             f"settings use for fetch, all for list and verify")
-    parser.add_argument("--test-weights", metavar="DIR", type=Path,
-                        help="prepare the test weights (real MobileSAM, random CLIPs) in DIR and "
-                             "print the environment that uses them")
-
-
 def run(args: argparse.Namespace, settings: Settings | None = None) -> int:
     settings = settings or Settings.from_env()
     if args.test_weights is not None:

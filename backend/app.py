@@ -1,0 +1,313 @@
+"""The web process: Label Studio's ML-backend protocol, job status and metrics.
+
+It never loads a model (no torch import): requests become RQ jobs that workers run. /health and
+/setup only read Redis, so they answer in milliseconds whatever the workers are doing.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import secrets
+import time
+from typing import Any
+
+import redis
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
+from rq.exceptions import NoSuchJobError
+from rq.job import Job
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from backend import queue as q
+from backend.config import ServeSettings
+from backend.labeling import LabelConfigError, LabelingConfig, parse_label_config
+from backend.prompts import PredictionRequest, PromptError, build_request
+from backend.protocol import (
+    ErrorResponse,
+    HealthResponse,
+    JobStatusResponse,
+    PredictRequest,
+    PredictResponse,
+    SetupRequest,
+    SetupResponse,
+    WebhookRequest,
+    WebhookResponse,
+)
+
+log = logging.getLogger("hybridgl.backend")
+PROVISIONAL_VERSION = "hybridgl-waiting-for-worker"
+PREDICT_JOB = "worker.jobs.predict"
+WARM_JOB = "worker.jobs.warm"
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def create_app(settings: ServeSettings | None = None) -> FastAPI:
+    settings = settings or ServeSettings.from_env()
+    conn = q.connect(settings.redis_url)
+    # /health must stay fast even when Redis hangs: its own connection with short timeouts.
+    health_conn = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=0.3, socket_timeout=0.3)
+    jobs = q.JobQueue(conn, settings.job_timeout, settings.result_ttl, settings.job_retries)
+    app = FastAPI(title="HybridGL ML backend for Label Studio", version="0.1.0",
+                  description="Text-prompted segmentation (HybridGL: SAM + CLIP) served to Label Studio.",
+                  responses={401: {"model": ErrorResponse}, 422: {"model": ErrorResponse},
+                             503: {"model": ErrorResponse}, 504: {"model": ErrorResponse}})
+    app.state.settings = settings
+    app.state.conn = conn
+
+    # --- errors: always JSON {"error": "..."} ---------------------------------------------------
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError):
+        return JSONResponse({"error": exc.message}, status_code=exc.status,
+                            headers={"WWW-Authenticate": "Basic"} if exc.status == 401 else None)
+
+    async def _bad_input(_: Request, exc: Exception):
+        return JSONResponse({"error": str(exc)}, status_code=422)
+
+    app.add_exception_handler(LabelConfigError, _bad_input)
+    app.add_exception_handler(PromptError, _bad_input)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError):
+        parts = []
+        for err in exc.errors()[:5]:
+            where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
+            parts.append(f"{where}: {err.get('msg')}")
+        return JSONResponse({"error": "invalid request: " + "; ".join(parts)}, status_code=422)
+
+    @app.exception_handler(redis.RedisError)
+    async def _redis_down(_: Request, exc: redis.RedisError):
+        log.error("Redis error: %s", exc)
+        return JSONResponse({"error": f"the job queue (Redis) is unreachable: {type(exc).__name__}; check that "
+                                      "Redis runs and REDIS_URL points at it"}, status_code=503)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException):
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
+
+    # --- auth ----------------------------------------------------------------------------------
+    def require_auth(request: Request) -> None:
+        expected = settings.basic_auth
+        if expected is None:
+            return
+        header = request.headers.get("authorization", "")
+        user = password = ""
+        if header.lower().startswith("basic "):
+            try:
+                user, _, password = base64.b64decode(header[6:].strip()).decode().partition(":")
+            except (binascii.Error, UnicodeDecodeError):
+                pass
+        if not (secrets.compare_digest(user, expected[0]) and secrets.compare_digest(password, expected[1])):
+            raise ApiError(401, "authentication required: use the Basic auth user and password configured on "
+                                "the backend (BASIC_AUTH_USER / BASIC_AUTH_PASS)")
+
+    auth = [Depends(require_auth)]
+
+    def model_version() -> str:
+        return q.current_model_version(conn) or PROVISIONAL_VERSION
+
+    # --- protocol ------------------------------------------------------------------------------
+    @app.get("/health", response_model=HealthResponse, dependencies=auth)
+    async def health():
+        problems: list[str] = []
+        try:
+            health_conn.ping()
+            workers = q.live_workers(health_conn)
+            depths = q.JobQueue(health_conn).depths()
+            version = q.current_model_version(health_conn)
+        except redis.RedisError as exc:
+            body = HealthResponse(status="DOWN", redis=f"unreachable ({type(exc).__name__})",
+                                  problems=["Redis is unreachable: no job can run until it is back"])
+            return JSONResponse(body.model_dump(), status_code=503)
+        if not workers:
+            problems.append("no worker is running: jobs wait in the queue until `hybridgl worker` starts")
+        versions = {w.get("model_version") for w in workers}
+        if len(versions) > 1:
+            problems.append(f"workers run different model versions: {sorted(versions)}")
+        return HealthResponse(status="DEGRADED" if problems else "UP", model_version=version, redis="ok",
+                              workers=workers, queues=depths, problems=problems)
+
+    @app.post("/setup", response_model=SetupResponse, dependencies=auth)
+    async def setup(body: SetupRequest):
+        if body.schema_:
+            parse_label_config(body.schema_)  # a config we cannot serve fails here, visibly
+        if body.project and body.hostname and not (settings.label_studio_url and settings.label_studio_api_key):
+            # The workers need Label Studio's address (and a token) to fetch images and write results.
+            conn.set(f"{q.PREFIX}:setup:{body.project}",
+                     json.dumps({"hostname": body.hostname, "access_token": body.access_token}))
+        return SetupResponse(model_version=model_version())
+
+    @app.post("/predict", response_model=PredictResponse, dependencies=auth)
+    def predict(body: PredictRequest):
+        if not body.tasks:
+            raise ApiError(422, "invalid request: tasks is empty; send at least one task")
+        config = parse_label_config(body.label_config)
+        context = body.params.context
+        if context and context.get("result"):
+            return {"results": [_interactive(body, config, context)]}
+        return {"results": _batch(body, config)}
+
+    def _payload(req: PredictionRequest, body: PredictRequest, deliver: str) -> dict[str, Any]:
+        return {
+            "task_id": req.task_id, "project": body.project, "image": req.image, "label_config": body.label_config,
+            "expressions": [{"text": e.text, "label": e.label} for e in req.expressions],
+            "clicks": [{"x": c.x, "y": c.y, "positive": c.positive, "label": c.label} for c in req.clicks],
+            "deliver": deliver,
+        }
+
+    def _interactive(body: PredictRequest, config: LabelingConfig, context: dict) -> Any:
+        req = build_request(body.tasks[0], context, config, label_names_as_prompts=settings.label_names_policy())
+        if not req.expressions and not req.clicks:
+            return []
+        payload = _payload(req, body, "return")
+        job_id = q.job_id_for("interactive", model_version(), body.project, req.task_id, payload["expressions"],
+                              payload["clicks"])
+        job = jobs.enqueue(q.INTERACTIVE, PREDICT_JOB, payload, job_id, f"interactive task {req.task_id}")
+        outcome = jobs.wait([job.id], time.monotonic() + settings.interactive_timeout)[job.id]
+        if outcome.status == "finished":
+            return outcome.value["prediction"]
+        if outcome.status == "failed":
+            raise ApiError(422, f"task {req.task_id}: {outcome.error}")
+        raise ApiError(504, f"no answer within {settings.interactive_timeout:.0f} s (job {job.id}): the workers are "
+                            "busy or none is running; see GET /health and GET /jobs/" + job.id)
+
+    def _batch(body: PredictRequest, config: LabelingConfig) -> list[Any]:
+        entries: list[Any] = [[] for _ in body.tasks]
+        waiting: dict[int, str] = {}
+        version = model_version()
+        for i, task in enumerate(body.tasks):
+            try:
+                req = build_request(task, None, config, label_names_as_prompts=settings.label_names_policy())
+            except PromptError as exc:  # one bad task must not fail the others
+                log.warning("task %s skipped: %s", task.get("id"), exc)
+                q.count(conn, "tasks_rejected")
+                continue
+            if not req.expressions:
+                if config.interactive and settings.warm_on_open and req.image:
+                    _warm(req.image, req.task_id, body.project)
+                continue
+            payload = _payload(req, body, "claim")
+            job_id = q.job_id_for("predict", version, body.project, req.task_id, payload["expressions"])
+            waiting[i] = jobs.enqueue(q.BATCH, PREDICT_JOB, payload, job_id, f"predict task {req.task_id}").id
+        outcomes = jobs.wait(waiting.values(), time.monotonic() + settings.batch_budget)
+        for i, job_id in waiting.items():
+            outcome = outcomes[job_id]
+            if outcome.status == "pending" and q.claim(conn, job_id, q.CLAIM_WORKER) == q.CLAIM_WEB:
+                outcome = jobs.outcome(job_id)  # it finished as the budget ran out: ours to return
+            if outcome.status == "pending":
+                q.count(conn, "tasks_handed_off")
+                continue  # the job writes its prediction to Label Studio when it finishes
+            if outcome.status == "failed":
+                log.warning("task %s failed: %s (job %s)", body.tasks[i].get("id"), outcome.error, job_id)
+                continue
+            if q.claim(conn, job_id, q.CLAIM_WEB) == q.CLAIM_WEB and outcome.value["prediction"]["result"]:
+                entries[i] = outcome.value["prediction"]
+        return entries
+
+    def _warm(image: str, task_id: Any, project: str | None) -> None:
+        job_id = q.job_id_for("warm", image, project)
+        jobs.enqueue(q.WARMUP, WARM_JOB, {"task_id": task_id, "project": project, "image": image}, job_id,
+                     f"warm-up task {task_id}")
+
+    @app.post("/webhook", response_model=WebhookResponse, dependencies=auth)
+    def webhook(body: WebhookRequest):
+        """Label Studio gives webhooks 1 s: acknowledge; TASKS_CREATED warms the new images' indexes."""
+        if body.action != "TASKS_CREATED" or not body.tasks or not body.project:
+            return WebhookResponse(status="ignored")
+        try:
+            config = parse_label_config(body.project.get("label_config") or "")
+        except LabelConfigError:
+            return WebhookResponse(status="ignored")
+        project = body.project.get("id")
+        project_uid = _project_uid(body.project)
+        enqueued = 0
+        for task in body.tasks[:10_000]:
+            image = (task.get("data") or {}).get(config.image_key)
+            if isinstance(image, str) and image:
+                _warm(image, task.get("id"), project_uid or project)
+                enqueued += 1
+        return WebhookResponse(status="ok", enqueued=enqueued)
+
+    # --- operations ----------------------------------------------------------------------------
+    @app.get("/jobs/{job_id}", response_model=JobStatusResponse, dependencies=auth)
+    def job_status(job_id: str):
+        try:
+            job = Job.fetch(job_id, connection=conn)
+        except NoSuchJobError:
+            raise ApiError(404, f"no job {job_id}: it never existed or its record expired "
+                                "(HYBRIDGL_RESULT_TTL)") from None
+        outcome = jobs.outcome(job_id)
+        status = job.get_status(refresh=False)
+        return JobStatusResponse(
+            id=job_id, status=str(status.value if hasattr(status, "value") else status), queue=job.origin,
+            description=job.description, reason=outcome.error if outcome.status == "failed" else None,
+            result=outcome.value if outcome.status == "finished" else None,
+            enqueued_at=job.enqueued_at.isoformat() if job.enqueued_at else None,
+            ended_at=job.ended_at.isoformat() if job.ended_at else None)
+
+    @app.get("/metrics", response_class=PlainTextResponse, dependencies=auth)
+    def metrics():
+        return PlainTextResponse(render_metrics(conn, jobs), media_type="text/plain; version=0.0.4")
+
+    return app
+
+
+def _project_uid(project: dict) -> str | None:
+    """Label Studio's '<id>.<created timestamp>' project id, as /predict and /setup carry it."""
+    from datetime import datetime
+
+    created = project.get("created_at")
+    if project.get("id") is None or not created:
+        return None
+    try:
+        stamp = int(datetime.fromisoformat(str(created).replace("Z", "+00:00")).timestamp())
+    except ValueError:
+        return None
+    return f"{project['id']}.{stamp}"
+
+
+def render_metrics(conn: redis.Redis, jobs: q.JobQueue) -> str:
+    """Prometheus text format."""
+    from rq.registry import FailedJobRegistry, StartedJobRegistry
+
+    lines = []
+
+    def metric(name: str, kind: str, help_text: str, samples: list[tuple[dict, float]]) -> None:
+        lines.append(f"# HELP {name} {help_text}")
+        lines.append(f"# TYPE {name} {kind}")
+        for labels, value in samples:
+            label_text = ",".join(f'{k}="{v}"' for k, v in labels.items())
+            lines.append(f"{name}{{{label_text}}} {value:g}" if label_text else f"{name} {value:g}")
+
+    counters = q.metrics(conn)
+    metric("hybridgl_queue_depth", "gauge", "Jobs waiting per queue.",
+           [({"queue": name}, float(n)) for name, n in jobs.depths().items()])
+    metric("hybridgl_jobs_running", "gauge", "Jobs being run per queue.",
+           [({"queue": n}, float(StartedJobRegistry(n, connection=conn).count)) for n in q.QUEUES])
+    metric("hybridgl_jobs_failed", "gauge", "Failed jobs kept per queue (see /jobs/{id} for reasons).",
+           [({"queue": n}, float(FailedJobRegistry(n, connection=conn).count)) for n in q.QUEUES])
+    metric("hybridgl_workers", "gauge", "Workers alive (heartbeat within a minute).",
+           [({}, float(len(q.live_workers(conn))))])
+    metric("hybridgl_job_seconds_sum", "counter", "Seconds spent in jobs per queue.",
+           [({"queue": n}, counters.get(f"job_seconds_sum:{n}", 0.0)) for n in q.QUEUES])
+    metric("hybridgl_job_seconds_count", "counter", "Jobs run per queue.",
+           [({"queue": n}, counters.get(f"job_count:{n}", 0.0)) for n in q.QUEUES])
+    metric("hybridgl_index_lookups_total", "counter", "Image-index lookups by where the index came from.",
+           [({"source": s}, counters.get(f"index_{s}", 0.0)) for s in ("memory", "redis", "built")])
+    for name, key, help_text in (
+        ("hybridgl_predictions_written_total", "predictions_written", "Predictions workers wrote to Label Studio."),
+        ("hybridgl_tasks_handed_off_total", "tasks_handed_off", "Tasks whose job outlived the /predict budget."),
+        ("hybridgl_tasks_rejected_total", "tasks_rejected", "Tasks refused for bad input."),
+        ("hybridgl_job_failures_total", "jobs_failed", "Jobs that failed for bad input."),
+    ):
+        metric(name, "counter", help_text, [({}, counters.get(key, 0.0))])
+    return "\n".join(lines) + "\n"

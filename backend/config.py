@@ -1,0 +1,82 @@
+"""Settings of the serving side (web process, queue, workers' Label Studio access), from the environment.
+
+The method's own settings are ``worker.hybridgl.settings.Settings`` (HYBRIDGL_*); these are the
+ones a deployment sets around it. Light: the web process imports this.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+
+def _env(name: str, default: Any, help: str):
+    return field(default=default, metadata={"env": name, "help": help})
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    redis_url: str = _env("REDIS_URL", "redis://127.0.0.1:6379/0", "Redis that holds the queues, results and the shared image-index cache.")
+    label_studio_url: str = _env("LABEL_STUDIO_URL", "", "Label Studio's address, for images and for writing predictions (else the hostname Label Studio sends in /setup).")
+    label_studio_api_key: str = _env("LABEL_STUDIO_API_KEY", "", "Legacy token or personal access token of a Label Studio user (else the token Label Studio sends in /setup).")
+    basic_auth_user: str = _env("BASIC_AUTH_USER", "", "With BASIC_AUTH_PASS: require HTTP Basic auth on every endpoint.")
+    basic_auth_pass: str = _env("BASIC_AUTH_PASS", "", "Password for BASIC_AUTH_USER.")
+    host: str = _env("HYBRIDGL_HOST", "0.0.0.0", "Address `hybridgl serve` listens on.")
+    port: int = _env("HYBRIDGL_PORT", 9090, "Port `hybridgl serve` listens on.")
+    interactive_timeout: float = _env("HYBRIDGL_INTERACTIVE_TIMEOUT", 60.0, "Seconds an interactive /predict waits for its job (Label Studio gives up at 100).")
+    batch_budget: float = _env("HYBRIDGL_BATCH_BUDGET", 30.0, "Seconds /predict without context waits; jobs still running then write their predictions to Label Studio themselves.")
+    job_timeout: int = _env("HYBRIDGL_JOB_TIMEOUT", 600, "Seconds after which a worker abandons a job.")
+    job_retries: int = _env("HYBRIDGL_JOB_RETRIES", 2, "Retries of a job that failed for a transient reason (network, Label Studio down).")
+    result_ttl: int = _env("HYBRIDGL_RESULT_TTL", 3600, "Seconds finished and failed jobs stay visible at /jobs/{id}.")
+    index_ttl: int = _env("HYBRIDGL_INDEX_TTL", 7 * 24 * 3600, "Seconds an image index stays in the Redis cache.")
+    memory_indexes: int = _env("HYBRIDGL_MEMORY_INDEXES", 16, "Image indexes each worker keeps in memory (LRU).")
+    label_names_as_prompts: str = _env("HYBRIDGL_LABEL_NAMES_AS_PROMPTS", "auto", "Use label names as expressions when a task has no prompt: auto (not for interactive configs), true, false.")
+    warm_on_open: bool = _env("HYBRIDGL_WARM_ON_OPEN", True, "Build an image's index when an annotator opens its task in an interactive config.")
+    image_allowed_hosts: str = _env("IMAGE_ALLOWED_HOSTS", "", "Comma-separated hosts (or *.domain) images may be fetched from besides Label Studio.")
+    image_allow_private: bool = _env("IMAGE_ALLOW_PRIVATE", False, "Let allow-listed hosts resolve to private or loopback addresses (Label Studio's own host always may).")
+    image_max_bytes: int = _env("IMAGE_MAX_BYTES", 50 * 2**20, "Largest image download accepted, in bytes.")
+    image_max_pixels: int = _env("IMAGE_MAX_PIXELS", 50_000_000, "Largest image accepted, in pixels (decompression-bomb guard).")
+    torch_threads: int = _env("HYBRIDGL_TORCH_THREADS", 0, "CPU threads a worker's torch uses (0 = torch's default, all cores).")
+    worker_queues: str = _env("HYBRIDGL_QUEUES", "interactive,batch,warmup", "Queues a worker listens on, highest priority first.")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "ServeSettings":
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = environ.get(f.metadata["env"])
+            if raw is None or raw == "":
+                continue
+            kind = type(f.default)
+            try:
+                if kind is bool:
+                    values[f.name] = raw.strip().lower() in ("1", "true", "yes", "on")
+                else:
+                    values[f.name] = kind(raw)
+            except ValueError:
+                raise ValueError(f"{f.metadata['env']}={raw!r} is not a valid {kind.__name__}") from None
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    @property
+    def basic_auth(self) -> tuple[str, str] | None:
+        return (self.basic_auth_user, self.basic_auth_pass) if self.basic_auth_user else None
+
+    @property
+    def allowed_hosts(self) -> tuple[str, ...]:
+        return tuple(h.strip() for h in self.image_allowed_hosts.split(",") if h.strip())
+
+    @property
+    def queues(self) -> tuple[str, ...]:
+        return tuple(q.strip() for q in self.worker_queues.split(",") if q.strip())
+
+    def label_names_policy(self) -> bool | None:
+        """None = decide per config (auto)."""
+        value = self.label_names_as_prompts.strip().lower()
+        return None if value == "auto" else value in ("1", "true", "yes", "on")
+
+
+def serve_fields() -> tuple[dataclasses.Field, ...]:
+    return dataclasses.fields(ServeSettings)

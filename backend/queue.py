@@ -1,0 +1,170 @@
+"""RQ queues, job hand-off and the shared state web and workers keep in Redis.
+
+Jobs are enqueued by dotted name (``worker.jobs.predict``), so this module, like the whole web
+process, never imports the worker's code or torch.
+
+Delivery of a /predict job is decided exactly once per job with one Redis key, ``claim``:
+- the job, once its result is stored, sets it to ``web`` if it is still unset: the waiting web
+  request (or the next /predict of the same task) returns the result;
+- the web request, when its budget runs out, sets it to ``worker`` if still unset: the job then
+  writes its prediction to Label Studio itself.
+Whichever ``SET NX`` lands first decides; the loser reads the value and acts on it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import redis
+from rq import Queue, Retry
+from rq.exceptions import NoSuchJobError
+from rq.job import Job, JobStatus
+from rq.results import Result
+
+PREFIX = "hybridgl"
+INTERACTIVE, BATCH, WARMUP = "interactive", "batch", "warmup"
+QUEUES = (INTERACTIVE, BATCH, WARMUP)
+CLAIM_WEB, CLAIM_WORKER = "web", "worker"
+CLAIM_TTL = 24 * 3600
+WORKER_TTL = 60  # a worker's registration expires unless its heartbeat renews it
+
+
+def connect(url: str) -> redis.Redis:
+    return redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=10, health_check_interval=30)
+
+
+def claim_key(job_id: str) -> str:
+    return f"{PREFIX}:claim:{job_id}"
+
+
+def claim(conn: redis.Redis, job_id: str, who: str) -> str:
+    """Set the delivery route if unset; return the route in force."""
+    if conn.set(claim_key(job_id), who, nx=True, ex=CLAIM_TTL):
+        return who
+    value = conn.get(claim_key(job_id))
+    return value.decode() if value else who
+
+
+def job_id_for(kind: str, *parts: Any) -> str:
+    """Deterministic job ids: the same request for the same task joins the job already running."""
+    digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    return f"{kind}-{digest}"
+
+
+@dataclass
+class JobOutcome:
+    job_id: str
+    status: str  # finished | failed | pending
+    value: Any = None
+    error: str | None = None
+
+
+class JobQueue:
+    def __init__(self, conn: redis.Redis, job_timeout: int = 600, result_ttl: int = 3600, retries: int = 2):
+        self.conn = conn
+        self.job_timeout = job_timeout
+        self.result_ttl = result_ttl
+        self.retries = retries
+        self.queues = {name: Queue(name, connection=conn) for name in QUEUES}
+
+    def enqueue(self, queue: str, func: str, payload: dict, job_id: str, description: str) -> Job:
+        """Enqueue unless a live job with this id exists (then return that one)."""
+        try:
+            job = Job.fetch(job_id, connection=self.conn)
+            if job.get_status(refresh=False) in (JobStatus.QUEUED, JobStatus.STARTED, JobStatus.DEFERRED,
+                                                 JobStatus.SCHEDULED, JobStatus.FINISHED):
+                return job
+        except NoSuchJobError:
+            pass
+        self.conn.delete(claim_key(job_id))
+        return self.queues[queue].enqueue(
+            func, payload, job_id=job_id, description=description, job_timeout=self.job_timeout,
+            result_ttl=self.result_ttl, failure_ttl=self.result_ttl,
+            retry=Retry(max=self.retries, interval=[2, 10, 30][: max(self.retries, 1)]) if self.retries else None,
+        )
+
+    def wait(self, job_ids: Iterable[str], deadline: float) -> dict[str, JobOutcome]:
+        """Block until every job has an outcome or ``deadline`` (time.monotonic) passes.
+
+        Waits on RQ's per-job result streams with XREAD, so Redis wakes us when a job ends.
+        """
+        pending = list(dict.fromkeys(job_ids))
+        outcomes: dict[str, JobOutcome] = {}
+        seen: dict[str, str] = {}
+        while pending:
+            for job_id in list(pending):
+                key = Result.get_key(job_id)
+                latest = self.conn.xrevrange(key, "+", "-", count=1)
+                seen[key] = latest[0][0].decode() if latest else "0-0"
+                outcome = self.outcome(job_id)
+                if outcome.status != "pending":
+                    outcomes[job_id] = outcome
+                    pending.remove(job_id)
+            remaining = deadline - time.monotonic()
+            if not pending or remaining <= 0:
+                break
+            # Wakes on the next result entry of any pending job (a retried job's failure included).
+            self.conn.xread({Result.get_key(j): seen[Result.get_key(j)] for j in pending},
+                            block=max(1, int(min(remaining, 5.0) * 1000)), count=1)
+        for job_id in pending:
+            outcomes[job_id] = JobOutcome(job_id, "pending")
+        return outcomes
+
+    def outcome(self, job_id: str) -> JobOutcome:
+        try:
+            job = Job.fetch(job_id, connection=self.conn)
+        except NoSuchJobError:
+            return JobOutcome(job_id, "failed", error="the job is gone from Redis (expired, or Redis was restarted)")
+        result = job.latest_result()
+        if result is not None and result.type == Result.Type.SUCCESSFUL:
+            return JobOutcome(job_id, "finished", value=result.return_value)
+        status = job.get_status(refresh=False)
+        if status == JobStatus.FAILED or (result is not None and result.type == Result.Type.FAILED
+                                          and status not in (JobStatus.QUEUED, JobStatus.SCHEDULED)):
+            return JobOutcome(job_id, "failed", error=job_error(job, result))
+        return JobOutcome(job_id, "pending")
+
+    def depths(self) -> dict[str, int]:
+        return {name: q.count for name, q in self.queues.items()}
+
+
+def job_error(job: Job, result: Result | None = None) -> str:
+    """The user-facing reason of a failed job: the last line of its exception."""
+    text = (result.exc_string if result is not None else None) or job.exc_info or "unknown error"
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    last = lines[-1] if lines else text
+    if ": " in last and last.split(": ", 1)[0].replace(".", "").replace("_", "").isalnum():
+        last = last.split(": ", 1)[1]
+    if "JobTimeoutException" in text:
+        return "the job ran past its time limit (HYBRIDGL_JOB_TIMEOUT)"
+    return last
+
+
+# --- workers and the model version -------------------------------------------------------
+def register_worker(conn: redis.Redis, name: str, info: dict) -> None:
+    conn.set(f"{PREFIX}:worker:{name}", json.dumps(info), ex=WORKER_TTL)
+    conn.set(f"{PREFIX}:model_version", info["model_version"])
+
+
+def live_workers(conn: redis.Redis) -> list[dict]:
+    keys = list(conn.scan_iter(f"{PREFIX}:worker:*", count=100))
+    values = conn.mget(keys) if keys else []
+    return [json.loads(v) for v in values if v]
+
+
+def current_model_version(conn: redis.Redis) -> str | None:
+    value = conn.get(f"{PREFIX}:model_version")
+    return value.decode() if value else None
+
+
+# --- metrics -------------------------------------------------------------------------------
+def count(conn: redis.Redis, name: str, amount: float = 1) -> None:
+    conn.hincrbyfloat(f"{PREFIX}:metrics", name, amount)
+
+
+def metrics(conn: redis.Redis) -> dict[str, float]:
+    return {k.decode(): float(v) for k, v in conn.hgetall(f"{PREFIX}:metrics").items()}

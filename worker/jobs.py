@@ -1,0 +1,224 @@
+"""Job functions the RQ workers run (enqueued by name from the web process and `prelabel`).
+
+Each job is one task: fetch its image, get the image index (memory, Redis or built), answer each
+expression, turn masks into Label Studio results, and deliver them (return, or write to Label
+Studio when the web request has handed the task off).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from statistics import mean
+
+import numpy as np
+import redis
+from rq import get_current_job
+
+from backend import queue as q
+from backend.config import ServeSettings
+from backend.labeling import LabelConfigError, parse_label_config
+from backend.labelstudio import FetchPolicy, LabelStudioError, client_from
+from backend.prompts import PromptError
+from backend.results import prediction, region_results
+from worker.cache import IndexCache
+from worker.hybridgl.images import ImageError, load_image
+
+log = logging.getLogger(__name__)
+
+DELIVER_RETURN = "return"  # interactive: the answer goes back in the HTTP response only
+DELIVER_CLAIM = "claim"  # /predict without context: return if the web still waits, else write
+DELIVER_WRITE = "write"  # prelabel: always write to Label Studio
+LAST_PROMPT_TTL = 24 * 3600
+
+
+class JobFailed(Exception):
+    """A job that cannot succeed as asked; the message tells the user why (no retry)."""
+
+
+@dataclass
+class Runtime:
+    settings: ServeSettings
+    conn: redis.Redis
+    pipeline: object  # worker.hybridgl.pipeline.HybridGL
+    cache: IndexCache
+
+    @classmethod
+    def create(cls, settings: ServeSettings | None = None, pipeline=None) -> "Runtime":
+        from worker.hybridgl.pipeline import HybridGL
+
+        settings = settings or ServeSettings.from_env()
+        conn = q.connect(settings.redis_url)
+        pipeline = pipeline or HybridGL()
+        return cls(settings, conn, pipeline, IndexCache(pipeline, conn, settings.memory_indexes, settings.index_ttl))
+
+    def labelstudio(self, payload: dict):
+        setup = {}
+        project = payload.get("project")
+        if project is not None and not (self.settings.label_studio_url and self.settings.label_studio_api_key):
+            raw = self.conn.get(f"{q.PREFIX}:setup:{project}")
+            setup = json.loads(raw) if raw else {}
+        return client_from(self.settings.label_studio_url or None, self.settings.label_studio_api_key or None,
+                           setup.get("hostname"), setup.get("access_token"), policy=self.fetch_policy())
+
+    def fetch_policy(self) -> FetchPolicy:
+        s = self.settings
+        return FetchPolicy(allowed_hosts=s.allowed_hosts, max_bytes=s.image_max_bytes,
+                           allow_private=s.image_allow_private)
+
+
+_runtime: Runtime | None = None
+
+
+def runtime() -> Runtime:
+    """The worker's models and connections, created once per process."""
+    global _runtime
+    if _runtime is None:
+        _runtime = Runtime.create()
+    return _runtime
+
+
+def set_runtime(rt: Runtime) -> None:
+    global _runtime
+    _runtime = rt
+
+
+def _fail(message: str) -> JobFailed:
+    job = get_current_job()
+    if job is not None:
+        job.retries_left = 0  # retrying cannot fix bad input
+    return JobFailed(message)
+
+
+def _is_transient(exc: BaseException) -> bool:
+    return bool(getattr(exc, "transient", False)) or isinstance(exc, (redis.ConnectionError, redis.TimeoutError,
+                                                                      ConnectionError, TimeoutError))
+
+
+def _load_task_image(rt: Runtime, payload: dict):
+    client = rt.labelstudio(payload)
+    ref = payload["image"]
+    try:
+        if client is None:
+            if not ref.startswith(("http://", "https://")):
+                raise _fail(f"cannot fetch {ref!r}: Label Studio's address is unknown; set LABEL_STUDIO_URL and "
+                            "LABEL_STUDIO_API_KEY on the workers")
+            from backend.labelstudio import LabelStudioClient
+
+            client = LabelStudioClient("", "", rt.fetch_policy())
+        data = client.fetch_image(ref, payload.get("task_id"))
+    except LabelStudioError as exc:
+        if exc.transient:
+            raise
+        raise _fail(str(exc)) from None
+    try:
+        return load_image(data, max_pixels=rt.settings.image_max_pixels), client
+    except ImageError as exc:
+        raise _fail(f"task {payload.get('task_id')}: {exc}") from None
+
+
+def _last_key(payload: dict) -> str:
+    return f"{q.PREFIX}:last:{payload.get('project')}:{payload.get('task_id')}"
+
+
+def predict(payload: dict) -> dict:
+    """One task's prediction. Returns {"task_id", "prediction", "index"}."""
+    rt = runtime()
+    started = time.perf_counter()
+    task_id = payload.get("task_id")
+    try:
+        try:
+            config = parse_label_config(payload["label_config"])
+        except LabelConfigError as exc:
+            raise _fail(str(exc)) from None
+        rgb, client = _load_task_image(rt, payload)
+        index, source = rt.cache.get(rgb)
+        pipeline = rt.pipeline
+        results, scores = [], []
+        last = None
+        for item in payload.get("expressions", []):
+            try:
+                answer = pipeline.query(index, item["text"])
+            except ValueError as exc:  # empty/over-long expression, no region
+                raise _fail(f"task {task_id}: {exc}") from None
+            results += region_results(answer.mask, item.get("label"), config, score=answer.score)
+            scores.append(answer.score)
+            last = {"text": item["text"], "label": item.get("label"), "chosen": answer.chosen,
+                    "key": index.key}
+        if payload.get("clicks"):
+            mask, label = _refine(rt, index, payload)
+            results += region_results(mask, label, config, score=1.0)
+            scores.append(1.0)
+        if last is not None:
+            rt.conn.set(_last_key(payload), json.dumps(last), ex=LAST_PROMPT_TTL)
+        pred = prediction(results, float(mean(scores)) if scores else 0.0, pipeline.model_version)
+        _deliver(rt, payload, pred, client)
+    except JobFailed as exc:
+        log.warning("task %s failed: %s", task_id, exc)
+        q.count(rt.conn, "jobs_failed")
+        raise
+    except Exception as exc:
+        if not _is_transient(exc):
+            log.exception("task %s failed", task_id)
+            job = get_current_job()
+            if job is not None:
+                job.retries_left = 0
+        raise
+    finally:
+        queue_name = (get_current_job().origin if get_current_job() else "direct")
+        q.count(rt.conn, f"job_seconds_sum:{queue_name}", time.perf_counter() - started)
+        q.count(rt.conn, f"job_count:{queue_name}")
+    return {"task_id": task_id, "prediction": pred, "index": source}
+
+
+def _refine(rt: Runtime, index, payload: dict):
+    """Clicks refine the task's last suggested mask (Label Studio sends only the click)."""
+    from worker.hybridgl.refine import refine_mask
+
+    h, w = index.image_size
+    clicks = payload["clicks"]
+    points = np.array([[c["x"] * w / 100.0, c["y"] * h / 100.0] for c in clicks])
+    labels = np.array([1 if c.get("positive", True) else 0 for c in clicks])
+    raw = rt.conn.get(_last_key(payload))
+    last = json.loads(raw) if raw else None
+    previous = None
+    label = next((c.get("label") for c in clicks if c.get("label")), None)
+    if last is not None and last.get("key") == index.key:
+        previous = index.masks[last["chosen"]].numpy()
+        label = last.get("label") or label
+    try:
+        return refine_mask(rt.pipeline.models.sam, index, points, labels, previous), label
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+
+
+def _deliver(rt: Runtime, payload: dict, pred: dict, client) -> None:
+    mode = payload.get("deliver", DELIVER_RETURN)
+    if mode == DELIVER_RETURN:
+        return
+    if mode == DELIVER_CLAIM:
+        job = get_current_job()
+        if job is None or q.claim(rt.conn, job.id, q.CLAIM_WEB) == q.CLAIM_WEB:
+            return  # the web request returns it
+    write_prediction(client, payload["task_id"], pred)
+    q.count(rt.conn, "predictions_written")
+
+
+def write_prediction(client, task_id: int, pred: dict) -> None:
+    """Create the prediction unless this task already has one of this model version."""
+    if client is None:
+        raise _fail("cannot write the prediction: Label Studio's address is unknown; set LABEL_STUDIO_URL and "
+                    "LABEL_STUDIO_API_KEY on the workers")
+    if client.has_prediction(task_id, pred["model_version"]):
+        return
+    client.create_prediction(task_id, pred["result"], pred.get("score"), pred["model_version"])
+
+
+def warm(payload: dict) -> dict:
+    """Build (or find) an image's index ahead of the first prompt."""
+    rt = runtime()
+    rgb, _ = _load_task_image(rt, payload)
+    index, source = rt.cache.get(rgb)
+    return {"task_id": payload.get("task_id"), "index": source, "masks": len(index)}
