@@ -17,7 +17,7 @@ import pytest
 import redis
 from label_studio_sdk.converter.brush import decode_rle
 
-from .conftest import free_port, service_env, start_backend, start_worker, wait_for
+from .services import free_port, service_env, start_backend, start_worker, wait_for
 
 BRUSH_CONFIG = """<View>
   <Image name="image" value="$image"/>

@@ -6,7 +6,7 @@ import re
 import subprocess
 import sys
 
-from .conftest import REPO
+from .services import REPO
 
 
 def test_settings_table_matches_the_code():

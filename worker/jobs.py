@@ -21,7 +21,6 @@ from backend import queue as q
 from backend.config import ServeSettings
 from backend.labeling import LabelConfigError, parse_label_config
 from backend.labelstudio import FetchPolicy, LabelStudioError, client_from
-from backend.prompts import PromptError
 from backend.results import prediction, region_results
 from worker.cache import IndexCache
 from worker.hybridgl.images import ImageError, load_image
