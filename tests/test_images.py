@@ -6,7 +6,6 @@ real photo from tests/data.
 
 from __future__ import annotations
 
-import io
 import struct
 import zlib
 from pathlib import Path

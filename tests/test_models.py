@@ -7,7 +7,6 @@ not that CLIP is accurate.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import hashlib
 import http.server
