@@ -231,3 +231,18 @@ def test_redis_down_gives_503_json(tiny_settings, tmp_path):
         assert r.status_code == 503 and "Redis" in r.json()["error"]
     finally:
         backend.stop()
+
+
+def test_interactive_timeout_is_a_clear_json_error(stack, tiny_settings, redis_url, image_server, tmp_path):
+    """A budget shorter than any job: the answer is a 504 that says what to look at, never a hang."""
+    env = dict(stack["env"], HYBRIDGL_INTERACTIVE_TIMEOUT="0.001")
+    backend, url = start_backend(env, tmp_path)
+    try:
+        task = {"id": 41, "data": {"image": f"{image_server}/truck.jpg"}}
+        r = httpx.post(url + "/predict", timeout=30, json={
+            "tasks": [task], "project": "7.1", "label_config": INTERACTIVE_CONFIG,
+            "params": {"context": _textarea("the truck")}})
+        assert r.status_code == 504
+        assert "no answer within" in r.json()["error"] and "/jobs/" in r.json()["error"]
+    finally:
+        backend.stop()

@@ -8,6 +8,7 @@ exactly the same answer.
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -82,8 +83,6 @@ class HybridGL:
         ``proposals`` (N, H, W) bool replaces SAM's masks (users' own mask generators).
         ``timings``, when given, receives seconds per step.
         """
-        import time
-
         rgb = load_image(image)
         h, w = rgb.shape[:2]
         digest = image_hash(rgb)
@@ -165,7 +164,7 @@ class HybridGL:
         p = guidance.softmax(s_scores)
         pure = guidance.first_argmax(s_scores)
 
-        if self._sticky_enabled:
+        if s.sticky_k:  # the release's bug: the clipped k's persist across images
             k1, k2 = self._sticky_k = [min(self._sticky_k[0], n), min(self._sticky_k[1], n)]
         else:
             k1, k2 = min(s.k1, n), min(s.k2, n)
@@ -204,10 +203,6 @@ class HybridGL:
                                    pure, chosen)
         return QueryResult(chosen=chosen, pure=pure, mask=index.masks[chosen].numpy(), score=float(p[chosen]),
                            parsed=parsed, explanation=explanation)
-
-    @property
-    def _sticky_enabled(self) -> bool:
-        return self.settings.sticky_k
 
     def segment(self, image, expression: str, proposals: np.ndarray | None = None) -> QueryResult:
         """One-shot: index then query (identical to calling both)."""
