@@ -23,10 +23,7 @@ from backend.config import ServeSettings, serve_fields
 from worker.cli import build_parser
 from worker.hybridgl.settings import Settings, env_name, setting_fields
 
-try:
-    import tomllib  # Python 3.11+
-except ModuleNotFoundError:  # pragma: no cover - Python 3.10
-    tomllib = None
+import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
@@ -141,8 +138,6 @@ def _exec_form(args: str) -> list[str]:
 
 
 def _pyproject() -> dict:
-    if tomllib is None:
-        pytest.skip("reading pyproject.toml needs Python 3.11's tomllib")
     return tomllib.loads((ROOT / "pyproject.toml").read_text())
 
 

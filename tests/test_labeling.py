@@ -11,14 +11,10 @@ from backend.labeling import LabelConfigError, LabelingConfig, OutputTag, parse_
 
 REPO = Path(__file__).resolve().parents[1]
 # Requests recorded from a real Label Studio 1.23.2 (see DESIGN.md).
-FIXTURES = next((p for p in (REPO / "shared" / "labelstudio-1.23.2",
-                             REPO.parent / "shared" / "labelstudio-1.23.2",
-                             Path("/work/shared/labelstudio-1.23.2")) if p.is_dir()), None)
+FIXTURES = REPO / "tests" / "data" / "labelstudio-1.23.2"  # requests a real Label Studio 1.23.2 sent
 
 
 def fixture(name: str) -> dict:
-    if FIXTURES is None:
-        pytest.skip("the recorded Label Studio requests (shared/labelstudio-1.23.2) are not here")
     return json.loads((FIXTURES / name).read_text())
 
 
