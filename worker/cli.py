@@ -130,6 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(func=cmd_serve)
 
+    from worker import evaluate
+
+    ev = sub.add_parser("evaluate", help="benchmarks (the paper's protocol) and Label Studio export reports",
+                        description="oIoU/mIoU on RefCOCO/+/g and PhraseCut, or what pre-labeling saved "
+                                    "annotators in a Label Studio export.")
+    evaluate.add_arguments(ev)
+    add_settings_arguments(ev)
+    ev.set_defaults(func=evaluate.run)
+
     work = sub.add_parser("worker", help="run an RQ worker that loads the models once and runs jobs")
     work.add_argument("--name", help="worker name (default: hybridgl-<host>-<pid>)")
     work.add_argument("--burst", action="store_true", help="exit when the queues are empty")
