@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import logging
 import secrets
 import time
 from typing import Any
 
 import redis
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from rq.exceptions import NoSuchJobError
@@ -80,6 +79,12 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
     async def _validation(_: Request, exc: RequestValidationError):
         parts = []
         for err in exc.errors()[:5]:
+            if err.get("type") == "json_invalid":  # loc = ("body", <character offset>)
+                offset = err.get("loc", ("body", "?"))[-1]
+                reason = (err.get("ctx") or {}).get("error") or "JSON decode error"
+                parts.append(f"the body is not valid JSON ({reason} at character {offset}): send a JSON object "
+                             "such as {\"tasks\": [...], \"label_config\": \"<View>...</View>\"}")
+                continue
             where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
             parts.append(f"{where}: {err.get('msg')}")
         return JSONResponse({"error": "invalid request: " + "; ".join(parts)}, status_code=422)
@@ -92,31 +97,47 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException):
+        if exc.status_code == 400 and "parsing the body" in str(exc.detail):
+            # FastAPI's answer to bodies json cannot read (bad UTF-8, nesting too deep): a 422 like any bad body
+            return JSONResponse({"error": "invalid request: the body could not be parsed: send UTF-8 encoded "
+                                          "JSON of reasonable depth"}, status_code=422)
         return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
 
-    # --- auth ----------------------------------------------------------------------------------
-    def require_auth(request: Request) -> None:
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception):
+        # A bug: logged with its traceback; the client gets JSON without internals (they may hold secrets).
+        log.error("unhandled error: %s", type(exc).__name__, exc_info=exc)
+        return JSONResponse({"error": f"internal error ({type(exc).__name__}); the backend's log has the details"},
+                            status_code=500)
+
+    # --- auth: with BASIC_AUTH_USER set, every path (/docs and /openapi.json too) needs it ----------
+    def authorized(request: Request) -> bool:
         expected = settings.basic_auth
         if expected is None:
-            return
+            return True
         header = request.headers.get("authorization", "")
         user = password = ""
         if header.lower().startswith("basic "):
             try:
                 user, _, password = base64.b64decode(header[6:].strip()).decode().partition(":")
-            except (binascii.Error, UnicodeDecodeError):
+            except (binascii.Error, UnicodeDecodeError, ValueError):
                 pass
-        if not (secrets.compare_digest(user, expected[0]) and secrets.compare_digest(password, expected[1])):
-            raise ApiError(401, "authentication required: use the Basic auth user and password configured on "
-                                "the backend (BASIC_AUTH_USER / BASIC_AUTH_PASS)")
+        return (secrets.compare_digest(user.encode(), expected[0].encode())
+                and secrets.compare_digest(password.encode(), expected[1].encode()))
 
-    auth = [Depends(require_auth)]
+    @app.middleware("http")
+    async def require_auth(request: Request, call_next):
+        if not authorized(request):
+            return JSONResponse({"error": "authentication required: use the Basic auth user and password "
+                                          "configured on the backend (BASIC_AUTH_USER / BASIC_AUTH_PASS)"},
+                                status_code=401, headers={"WWW-Authenticate": 'Basic realm="hybridgl"'})
+        return await call_next(request)
 
     def model_version() -> str:
         return q.current_model_version(conn) or PROVISIONAL_VERSION
 
     # --- protocol ------------------------------------------------------------------------------
-    @app.get("/health", response_model=HealthResponse, dependencies=auth)
+    @app.get("/health", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
     async def health():
         problems: list[str] = []
         try:
@@ -124,29 +145,34 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
             workers = q.live_workers(health_conn)
             depths = q.JobQueue(health_conn).depths()
             version = q.current_model_version(health_conn)
+            tokenless = [] if settings.label_studio_api_key else q.setups_without_token(health_conn)
         except redis.RedisError as exc:
             body = HealthResponse(status="DOWN", redis=f"unreachable ({type(exc).__name__})",
                                   problems=["Redis is unreachable: no job can run until it is back"])
             return JSONResponse(body.model_dump(), status_code=503)
         if not workers:
             problems.append("no worker is running: jobs wait in the queue until `hybridgl worker` starts")
+        if tokenless:
+            problems.append(f"{q.TOKEN_WITHHELD}; Label Studio sent a token in /setup for project(s) "
+                            f"{', '.join(tokenless[:5])} but it is not kept in Redis without a secret key")
         versions = {w.get("model_version") for w in workers}
         if len(versions) > 1:
             problems.append(f"workers run different model versions: {sorted(versions)}")
         return HealthResponse(status="DEGRADED" if problems else "UP", model_version=version, redis="ok",
                               workers=workers, queues=depths, problems=problems)
 
-    @app.post("/setup", response_model=SetupResponse, dependencies=auth)
+    @app.post("/setup", response_model=SetupResponse)
     async def setup(body: SetupRequest):
         if body.schema_:
             parse_label_config(body.schema_)  # a config we cannot serve fails here, visibly
         if body.project and body.hostname and not (settings.label_studio_url and settings.label_studio_api_key):
-            # The workers need Label Studio's address (and a token) to fetch images and write results.
-            conn.set(f"{q.PREFIX}:setup:{body.project}",
-                     json.dumps({"hostname": body.hostname, "access_token": body.access_token}))
+            # The workers need Label Studio's address (and a token) to fetch images and write results. The
+            # token is kept only encrypted (HYBRIDGL_SECRET_KEY), and only when the workers have none of their own.
+            q.save_setup(conn, body.project, body.hostname,
+                         None if settings.label_studio_api_key else body.access_token, settings.secret_key)
         return SetupResponse(model_version=model_version())
 
-    @app.post("/predict", response_model=PredictResponse, dependencies=auth)
+    @app.post("/predict", response_model=PredictResponse)
     def predict(body: PredictRequest):
         if not body.tasks:
             raise ApiError(422, "invalid request: tasks is empty; send at least one task")
@@ -167,6 +193,9 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
     def _interactive(body: PredictRequest, config: LabelingConfig, context: dict) -> Any:
         req = build_request(body.tasks[0], context, config, label_names_as_prompts=settings.label_names_policy())
         if not req.expressions and not req.clicks:
+            if any(isinstance(r, dict) and str(r.get("type", "")).lower() == "textarea" for r in context["result"]):
+                raise ApiError(422, f"task {req.task_id}: the prompt is empty (nothing but spaces): type what to "
+                                    "segment, e.g. \"the dog on the left\"")
             return []
         payload = _payload(req, body, "return")
         job_id = q.job_id_for("interactive", model_version(), body.project, req.task_id, payload["expressions"],
@@ -176,7 +205,8 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
         if outcome.status == "finished":
             return outcome.value["prediction"]
         if outcome.status == "failed":
-            raise ApiError(422, f"task {req.task_id}: {outcome.error}")
+            reason, prefix = str(outcome.error), f"task {req.task_id}: "  # reasons often name the task already
+            raise ApiError(422, reason if reason.startswith(prefix) else prefix + reason)
         raise ApiError(504, f"no answer within {settings.interactive_timeout:.0f} s (job {job.id}): the workers are "
                             "busy or none is running; see GET /health and GET /jobs/" + job.id)
 
@@ -218,7 +248,7 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
         jobs.enqueue(q.WARMUP, WARM_JOB, {"task_id": task_id, "project": project, "image": image}, job_id,
                      f"warm-up task {task_id}")
 
-    @app.post("/webhook", response_model=WebhookResponse, dependencies=auth)
+    @app.post("/webhook", response_model=WebhookResponse)
     def webhook(body: WebhookRequest):
         """Label Studio gives webhooks 1 s: acknowledge; TASKS_CREATED warms the new images' indexes."""
         if body.action != "TASKS_CREATED" or not body.tasks or not body.project:
@@ -231,20 +261,24 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
         project_uid = _project_uid(body.project)
         enqueued = 0
         for task in body.tasks[:10_000]:
-            image = (task.get("data") or {}).get(config.image_key)
+            data = task.get("data")
+            image = data.get(config.image_key) if isinstance(data, dict) else None
             if isinstance(image, str) and image:
                 _warm(image, task.get("id"), project_uid or project)
                 enqueued += 1
         return WebhookResponse(status="ok", enqueued=enqueued)
 
     # --- operations ----------------------------------------------------------------------------
-    @app.get("/jobs/{job_id}", response_model=JobStatusResponse, dependencies=auth)
+    @app.get("/jobs/{job_id}", response_model=JobStatusResponse, responses={404: {"model": ErrorResponse}})
     def job_status(job_id: str):
+        shown = job_id if len(job_id) <= 100 else job_id[:97] + "..."
         try:
             job = Job.fetch(job_id, connection=conn)
         except NoSuchJobError:
-            raise ApiError(404, f"no job {job_id}: it never existed or its record expired "
+            raise ApiError(404, f"no job {shown}: it never existed or its record expired "
                                 "(HYBRIDGL_RESULT_TTL)") from None
+        except ValueError:  # RQ refuses ids with characters other than letters, digits, '-' and '_'
+            raise ApiError(404, f"no job {shown!r}: job ids hold only letters, digits, '-' and '_'") from None
         outcome = jobs.outcome(job_id)
         status = job.get_status(refresh=False)
         return JobStatusResponse(
@@ -254,7 +288,7 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
             enqueued_at=job.enqueued_at.isoformat() if job.enqueued_at else None,
             ended_at=job.ended_at.isoformat() if job.ended_at else None)
 
-    @app.get("/metrics", response_class=PlainTextResponse, dependencies=auth)
+    @app.get("/metrics", response_class=PlainTextResponse)
     def metrics():
         return PlainTextResponse(render_metrics(conn, jobs), media_type="text/plain; version=0.0.4")
 
@@ -270,7 +304,7 @@ def _project_uid(project: dict) -> str | None:
         return None
     try:
         stamp = int(datetime.fromisoformat(str(created).replace("Z", "+00:00")).timestamp())
-    except ValueError:
+    except (ValueError, OverflowError, OSError):
         return None
     return f"{project['id']}.{stamp}"
 

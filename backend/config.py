@@ -23,6 +23,7 @@ class ServeSettings:
     label_studio_api_key: str = _env("LABEL_STUDIO_API_KEY", "", "Legacy token or personal access token of a Label Studio user (else the token Label Studio sends in /setup).")
     basic_auth_user: str = _env("BASIC_AUTH_USER", "", "With BASIC_AUTH_PASS: require HTTP Basic auth on every endpoint.")
     basic_auth_pass: str = _env("BASIC_AUTH_PASS", "", "Password for BASIC_AUTH_USER.")
+    secret_key: str = _env("HYBRIDGL_SECRET_KEY", "", "Any long random string, the same on backend and workers: encrypts the Label Studio token that /setup receives before it is kept in Redis for the workers. Unset: that token is not kept (workers then need LABEL_STUDIO_API_KEY).")
     host: str = _env("HYBRIDGL_HOST", "0.0.0.0", "Address `hybridgl serve` listens on.")
     port: int = _env("HYBRIDGL_PORT", 9090, "Port `hybridgl serve` listens on.")
     interactive_timeout: float = _env("HYBRIDGL_INTERACTIVE_TIMEOUT", 60.0, "Seconds an interactive /predict waits for its job (Label Studio gives up at 100).")
@@ -38,6 +39,7 @@ class ServeSettings:
     image_allow_private: bool = _env("IMAGE_ALLOW_PRIVATE", False, "Let allow-listed hosts resolve to private or loopback addresses (Label Studio's own host always may).")
     image_max_bytes: int = _env("IMAGE_MAX_BYTES", 50 * 2**20, "Largest image download accepted, in bytes.")
     image_max_pixels: int = _env("IMAGE_MAX_PIXELS", 50_000_000, "Largest image accepted, in pixels (decompression-bomb guard).")
+    image_fetch_timeout: float = _env("IMAGE_FETCH_TIMEOUT", 30.0, "Seconds a worker gives an image host to connect, to send each chunk, and to deliver a whole image.")
     torch_threads: int = _env("HYBRIDGL_TORCH_THREADS", 0, "CPU threads a worker's torch uses (0 = torch's default, all cores).")
     worker_queues: str = _env("HYBRIDGL_QUEUES", "interactive,batch,warmup", "Queues a worker listens on, highest priority first.")
 

@@ -161,6 +161,78 @@ def current_model_version(conn: redis.Redis) -> str | None:
     return value.decode() if value else None
 
 
+# --- what Label Studio sent in /setup, for workers without LABEL_STUDIO_URL / _API_KEY --------
+# Record: {"hostname": ..., and "token_encrypted": Fernet(HYBRIDGL_SECRET_KEY) token, or
+# "token_withheld": true when Label Studio sent a token but no secret key was set to encrypt it}.
+# The token is never kept in clear text.
+TOKEN_WITHHELD = ("workers have no Label Studio token: set LABEL_STUDIO_API_KEY on the workers (and the "
+                  "backend), or HYBRIDGL_SECRET_KEY on backend and workers (then Label Studio's /setup token is "
+                  "kept, encrypted, for the workers)")
+
+
+def setup_key(project: Any) -> str:
+    return f"{PREFIX}:setup:{project}"
+
+
+def _fernet(secret_key: str):
+    import base64
+
+    from cryptography.fernet import Fernet
+
+    # Any string works as HYBRIDGL_SECRET_KEY: Fernet gets its SHA-256 as the 32-byte key.
+    return Fernet(base64.urlsafe_b64encode(hashlib.sha256(secret_key.encode()).digest()))
+
+
+def save_setup(conn: redis.Redis, project: str, hostname: str | None, token: str | None, secret_key: str) -> None:
+    record: dict[str, Any] = {"hostname": hostname}
+    if token:
+        if secret_key:
+            record["token_encrypted"] = _fernet(secret_key).encrypt(token.encode()).decode()
+        else:
+            record["token_withheld"] = True
+    conn.set(setup_key(project), json.dumps(record))
+
+
+def load_setup(conn: redis.Redis, project: Any, secret_key: str) -> tuple[str | None, str | None, str | None]:
+    """(hostname, token, why the token is missing) from a project's /setup record."""
+    raw = conn.get(setup_key(project))
+    try:
+        record = json.loads(raw) if raw else {}
+    except ValueError:
+        record = {}
+    if not isinstance(record, dict):
+        record = {}
+    hostname = record.get("hostname") if isinstance(record.get("hostname"), str) else None
+    encrypted = record.get("token_encrypted")
+    if record.get("token_withheld"):
+        return hostname, None, TOKEN_WITHHELD
+    if not isinstance(encrypted, str):
+        return hostname, None, None
+    if not secret_key:
+        return hostname, None, ("the Label Studio token from /setup is encrypted, but this worker has no "
+                                "HYBRIDGL_SECRET_KEY: set the backend's value on the workers")
+    from cryptography.fernet import InvalidToken
+
+    try:
+        return hostname, _fernet(secret_key).decrypt(encrypted.encode()).decode(), None
+    except (InvalidToken, ValueError):
+        return hostname, None, ("the Label Studio token from /setup cannot be decrypted: HYBRIDGL_SECRET_KEY "
+                                "differs between the backend and the workers")
+
+
+def setups_without_token(conn: redis.Redis) -> list[str]:
+    """Projects whose /setup token was not kept (no HYBRIDGL_SECRET_KEY)."""
+    keys = list(conn.scan_iter(setup_key("*"), count=100))
+    projects = []
+    for key, raw in zip(keys, conn.mget(keys) if keys else []):
+        try:
+            if raw and json.loads(raw).get("token_withheld"):
+                projects.append(key.decode().split(":", 2)[2])
+        except (ValueError, AttributeError):
+            continue
+    return sorted(projects)
+
+
 # --- metrics -------------------------------------------------------------------------------
 def count(conn: redis.Redis, name: str, amount: float = 1) -> None:
     conn.hincrbyfloat(f"{PREFIX}:metrics", name, amount)

@@ -39,7 +39,8 @@ WORKER_NAME = f"test-worker-{os.getpid()}"
 def stack(tiny_settings, redis_url, tmp_path_factory):
     """One worker and one backend for this module."""
     logs = tmp_path_factory.mktemp("logs")
-    env = service_env(tiny_settings, redis_url, HYBRIDGL_TORCH_THREADS="2")
+    # Budgets far above any job here: these tests check answers, not the hand-off (test_e2e does).
+    env = service_env(tiny_settings, redis_url, HYBRIDGL_TORCH_THREADS="2", HYBRIDGL_BATCH_BUDGET="300")
     worker = start_worker(env, WORKER_NAME, logs, redis_url)
     backend, url = start_backend(env, logs)
     client = httpx.Client(base_url=url, timeout=120)

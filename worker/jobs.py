@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from statistics import mean
 
+import httpx
 import numpy as np
 import redis
 from rq import get_current_job
@@ -20,12 +21,15 @@ from rq import get_current_job
 from backend import queue as q
 from backend.config import ServeSettings
 from backend.labeling import LabelConfigError, parse_label_config
-from backend.labelstudio import FetchPolicy, LabelStudioError, client_from
+from backend.labelstudio import CLOUD_SCHEMES, FetchPolicy, LabelStudioError, client_from
 from backend.results import prediction, region_results
 from worker.cache import IndexCache
 from worker.hybridgl.images import ImageError, load_image
 
 log = logging.getLogger(__name__)
+# httpx logs each request's full URL at INFO: image URLs may carry secrets (presigned signatures, SAS
+# tokens) that our own messages leave out. Failures are reported, without them, by the job's reason.
+logging.getLogger("httpx").setLevel(logging.WARNING)
 
 DELIVER_RETURN = "return"  # interactive: the answer goes back in the HTTP response only
 DELIVER_CLAIM = "claim"  # /predict without context: return if the web still waits, else write
@@ -54,18 +58,62 @@ class Runtime:
         return cls(settings, conn, pipeline, IndexCache(pipeline, conn, settings.memory_indexes, settings.index_ttl))
 
     def labelstudio(self, payload: dict):
-        setup = {}
+        return self.labelstudio_access(payload)[0]
+
+    def labelstudio_access(self, payload: dict):
+        """(client or None, why there is none): LABEL_STUDIO_URL / _API_KEY, each else what /setup sent
+        (its token kept encrypted with HYBRIDGL_SECRET_KEY, see backend.queue.save_setup)."""
+        s = self.settings
+        hostname = token = problem = None
         project = payload.get("project")
-        if project is not None and not (self.settings.label_studio_url and self.settings.label_studio_api_key):
-            raw = self.conn.get(f"{q.PREFIX}:setup:{project}")
-            setup = json.loads(raw) if raw else {}
-        return client_from(self.settings.label_studio_url or None, self.settings.label_studio_api_key or None,
-                           setup.get("hostname"), setup.get("access_token"), policy=self.fetch_policy())
+        if project is not None and not (s.label_studio_url and s.label_studio_api_key):
+            hostname, token, problem = q.load_setup(self.conn, project, s.secret_key)
+        client = client_from(s.label_studio_url or None, s.label_studio_api_key or None, hostname, token,
+                             policy=self.fetch_policy(), transport=DeadlineTransport(s.image_fetch_timeout))
+        if client is not None:
+            return client, None
+        if not (s.label_studio_url or hostname):
+            return None, ("Label Studio's address is unknown; set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY on "
+                          "the workers")
+        return None, problem or ("the workers have no Label Studio token; set LABEL_STUDIO_API_KEY on the "
+                                 "workers")
 
     def fetch_policy(self) -> FetchPolicy:
         s = self.settings
         return FetchPolicy(allowed_hosts=s.allowed_hosts, max_bytes=s.image_max_bytes,
-                           allow_private=s.image_allow_private)
+                           allow_private=s.image_allow_private, timeout=s.image_fetch_timeout)
+
+
+class DeadlineTransport(httpx.BaseTransport):
+    """httpx's timeouts bound each connect and each read; this also bounds a whole response, so that
+    a host dripping a byte at a time cannot hold a worker until the job's time limit."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self._inner = httpx.HTTPTransport()
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        deadline = time.monotonic() + self.seconds
+        response = self._inner.handle_request(request)
+        return httpx.Response(response.status_code, headers=response.headers, extensions=response.extensions,
+                              stream=_DeadlineStream(response.stream, deadline, self.seconds, request))
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+class _DeadlineStream(httpx.SyncByteStream):
+    def __init__(self, inner, deadline: float, seconds: float, request: httpx.Request):
+        self._inner, self._deadline, self._seconds, self._request = inner, deadline, seconds, request
+
+    def __iter__(self):
+        for chunk in self._inner:
+            if time.monotonic() > self._deadline:
+                raise httpx.ReadTimeout(f"the response took longer than {self._seconds:g} s", request=self._request)
+            yield chunk
+
+    def close(self) -> None:
+        self._inner.close()
 
 
 _runtime: Runtime | None = None
@@ -97,16 +145,17 @@ def _is_transient(exc: BaseException) -> bool:
 
 
 def _load_task_image(rt: Runtime, payload: dict):
-    client = rt.labelstudio(payload)
+    client, missing = rt.labelstudio_access(payload)
     ref = payload["image"]
     try:
         if client is None:
-            if not ref.startswith(("http://", "https://")):
-                raise _fail(f"cannot fetch {ref!r}: Label Studio's address is unknown; set LABEL_STUDIO_URL and "
-                            "LABEL_STUDIO_API_KEY on the workers")
+            if _needs_labelstudio(ref):
+                raise _fail(f"cannot fetch {ref[:200]!r}: {missing}")
+            # Absolute URLs: allow-listed hosts need no Label Studio; other schemes are refused with their reason.
             from backend.labelstudio import LabelStudioClient
 
-            client = LabelStudioClient("", "", rt.fetch_policy())
+            client = LabelStudioClient("", "", rt.fetch_policy(),
+                                       transport=DeadlineTransport(rt.settings.image_fetch_timeout))
         data = client.fetch_image(ref, payload.get("task_id"))
     except LabelStudioError as exc:
         if exc.transient:
@@ -116,6 +165,12 @@ def _load_task_image(rt: Runtime, payload: dict):
         return load_image(data, max_pixels=rt.settings.image_max_pixels), client
     except ImageError as exc:
         raise _fail(f"task {payload.get('task_id')}: {exc}") from None
+
+
+def _needs_labelstudio(ref: str) -> bool:
+    """Paths relative to Label Studio (/data/...) and cloud URIs, which Label Studio presigns."""
+    scheme = ref.split(":", 1)[0].lower() if ":" in ref else ""
+    return (ref.startswith(("/", "\\")) and not ref.startswith("//")) or scheme in CLOUD_SCHEMES
 
 
 def _last_key(payload: dict) -> str:
@@ -166,7 +221,8 @@ def predict(payload: dict) -> dict:
                 job.retries_left = 0
         raise
     finally:
-        queue_name = (get_current_job().origin if get_current_job() else "direct")
+        job = get_current_job()
+        queue_name = job.origin if job is not None else "direct"
         q.count(rt.conn, f"job_seconds_sum:{queue_name}", time.perf_counter() - started)
         q.count(rt.conn, f"job_count:{queue_name}")
     return {"task_id": task_id, "prediction": pred, "index": source}
@@ -208,8 +264,8 @@ def _deliver(rt: Runtime, payload: dict, pred: dict, client) -> None:
 def write_prediction(client, task_id: int, pred: dict) -> None:
     """Create the prediction unless this task already has one of this model version."""
     if client is None:
-        raise _fail("cannot write the prediction: Label Studio's address is unknown; set LABEL_STUDIO_URL and "
-                    "LABEL_STUDIO_API_KEY on the workers")
+        raise _fail("cannot write the prediction: Label Studio's address or token is unknown; set LABEL_STUDIO_URL "
+                    "and LABEL_STUDIO_API_KEY on the workers (see GET /health)")
     if client.has_prediction(task_id, pred["model_version"]):
         return
     client.create_prediction(task_id, pred["result"], pred.get("score"), pred["model_version"])
