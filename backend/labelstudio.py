@@ -33,6 +33,7 @@ import re
 import socket
 import threading
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, unquote
@@ -48,6 +49,7 @@ __all__ = [
     "LabelStudioClient",
     "LabelStudioError",
     "client_from",
+    "prediction_versions",
 ]
 
 ENV_URL = "LABEL_STUDIO_URL"
@@ -90,6 +92,18 @@ class ImageFetchError(LabelStudioError):
 
 class AccessDenied(ImageFetchError):
     """Our fetch policy refuses this URL (scheme, host not allowed, private address, path traversal)."""
+
+
+def prediction_versions(task: dict) -> set[str]:
+    """The model versions of a task's predictions, from a task as :meth:`LabelStudioClient.tasks`
+    lists it (``predictions_model_versions``) or with full ``predictions``."""
+    versions = {p.get("model_version") for p in task.get("predictions") or () if isinstance(p, dict)}
+    joined = task.get("predictions_model_versions")
+    if isinstance(joined, str) and joined:
+        versions.update(v.strip() for v in joined.split(","))
+    elif isinstance(joined, list):
+        versions.update(str(v) for v in joined)
+    return {v for v in versions if v}
 
 
 # --------------------------------------------------------------------------------------------
@@ -494,6 +508,68 @@ class LabelStudioClient:
             raise self._error(LabelStudioError, (
                 f"cannot {doing}: Label Studio at {self.url} answered {path} with something that is not JSON "
                 f"(is {ENV_URL} Label Studio's API address?)")) from None
+
+    # ---- projects and tasks
+
+    # What `tasks` asks for: enough to build a request and to decide what to skip (no prediction
+    # results, which can be large brush masks).
+    TASK_FIELDS = ("id", "data", "meta", "total_annotations", "cancelled_annotations", "total_predictions",
+                   "predictions_model_versions")
+    TASK_PAGE_SIZE = 100
+
+    def project(self, project_id: int) -> dict:
+        """GET /api/projects/ID/: the project (title, label_config, task_number, ...)."""
+        data = self._api("GET", f"/api/projects/{int(project_id)}/", f"read project {project_id}")
+        if not isinstance(data, dict) or "label_config" not in data:
+            raise self._error(LabelStudioError, f"cannot read project {project_id}: Label Studio answered something "
+                              "that is not a project")
+        return data
+
+    def tasks(self, project_id: int, task_ids: Iterable[int] | None = None,
+              page_size: int = TASK_PAGE_SIZE) -> Iterator[dict]:
+        """The project's tasks in id order, one page at a time (GET /api/tasks/?project=ID&fields=all).
+
+        Each task has ``id``, ``data``, ``total_annotations`` (submitted, not skipped),
+        ``cancelled_annotations`` and ``predictions_model_versions`` (comma-joined); see
+        :func:`prediction_versions`. With ``task_ids`` only those (that belong to the project) are
+        listed. Pages are fetched lazily, so a caller can start work before the last page.
+        """
+        if task_ids is None:
+            yield from self._task_pages(project_id, None, page_size)
+            return
+        wanted = sorted({int(t) for t in task_ids})
+        for start in range(0, len(wanted), page_size):
+            chunk = wanted[start:start + page_size]
+            selected = {"selectedItems": {"all": False, "included": chunk}}
+            yield from self._task_pages(project_id, selected, page_size)
+
+    def _task_pages(self, project_id: int, query: dict | None, page_size: int) -> Iterator[dict]:
+        page, seen = 1, 0
+        while True:
+            params: dict[str, Any] = {"project": int(project_id), "page": page, "page_size": page_size,
+                                      "fields": "all", "include": ",".join(self.TASK_FIELDS)}
+            if query is not None:
+                params["query"] = json.dumps(query)
+            doing = f"list the tasks of project {project_id} (page {page})"
+            try:
+                data = self._api("GET", "/api/tasks/", doing, params=params)
+            except LabelStudioError as exc:
+                if exc.status == 404 and page > 1:  # past the last page
+                    return
+                raise
+            if isinstance(data, dict):
+                batch, total = data.get("tasks"), data.get("total")
+            else:  # a bare list (older Label Studio)
+                batch, total = data, None
+            if not isinstance(batch, list):
+                raise self._error(LabelStudioError, f"cannot {doing}: Label Studio answered something that is "
+                                  "not a task list")
+            batch = sorted((t for t in batch if isinstance(t, dict) and "id" in t), key=lambda t: t["id"])
+            yield from batch
+            seen += len(batch)
+            if len(batch) < page_size or (isinstance(total, int) and seen >= total):
+                return
+            page += 1
 
     # ---- predictions
 

@@ -123,8 +123,9 @@ class JobQueue:
         if result is not None and result.type == Result.Type.SUCCESSFUL:
             return JobOutcome(job_id, "finished", value=result.return_value)
         status = job.get_status(refresh=False)
-        if status == JobStatus.FAILED or (result is not None and result.type == Result.Type.FAILED
-                                          and status not in (JobStatus.QUEUED, JobStatus.SCHEDULED)):
+        if status in (JobStatus.QUEUED, JobStatus.STARTED, JobStatus.SCHEDULED, JobStatus.DEFERRED):
+            return JobOutcome(job_id, "pending")  # running (again): an older failed result is history
+        if status == JobStatus.FAILED or (result is not None and result.type == Result.Type.FAILED):
             return JobOutcome(job_id, "failed", error=job_error(job, result))
         return JobOutcome(job_id, "pending")
 

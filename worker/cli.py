@@ -130,6 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(func=cmd_serve)
 
+    from backend import prelabel
+
+    pre = sub.add_parser("prelabel", help="pre-label a whole Label Studio project through the workers",
+                         description="Enqueue every task of a project that has no prediction of the current "
+                                     "model version; workers write the predictions. Safe to interrupt and re-run.")
+    prelabel.add_arguments(pre)
+    pre.set_defaults(func=prelabel.run)
+
     from worker import evaluate
 
     ev = sub.add_parser("evaluate", help="benchmarks (the paper's protocol) and Label Studio export reports",
