@@ -21,13 +21,14 @@ from .labelstudio import start_label_studio
 from .services import DATA, REPO, service_env, start_backend, start_worker, wait_for
 
 CONFIGS = {p.stem: p.read_text() for p in sorted((REPO / "label_config").glob("*.xml"))}
-SIZES = {"dog.jpg": (534, 800), "groceries.jpg": (534, 800)}
+PHOTOS = ("dog.jpg", "groceries.jpg")
+SIZES = {"dog.jpg": (534, 800), "groceries.jpg": (534, 800)}  # (H, W); variants made by tests are added
 
 
 @pytest.fixture(scope="module")
 def ls(tmp_path_factory):
     instance = start_label_studio(tmp_path_factory.mktemp("label-studio"))
-    for name in SIZES:
+    for name in PHOTOS:
         shutil.copy(DATA / name, instance.images_dir / name)
     yield instance
     instance.stop()
@@ -85,7 +86,7 @@ def _model_version(url: str) -> str:
 
 @pytest.mark.parametrize("config_name", sorted(CONFIGS))
 def test_retrieve_predictions_gives_one_prediction_per_task(ls, stack, redis_url, config_name):
-    images = list(SIZES)
+    images = list(PHOTOS)
     tasks = [{"image": ls.local_files_url(name), "prompt": f"the {name.split('.')[0]}"} for name in images]
     if config_name == "label_names":
         tasks = [{"image": ls.local_files_url(name)} for name in images]
