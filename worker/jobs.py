@@ -21,7 +21,7 @@ from rq import get_current_job
 from backend import queue as q
 from backend.config import ServeSettings
 from backend.labeling import LabelConfigError, parse_label_config
-from backend.labelstudio import CLOUD_SCHEMES, FetchPolicy, LabelStudioError, client_from
+from backend.labelstudio import CLOUD_SCHEMES, FetchPolicy, LabelStudioClient, LabelStudioError, client_from
 from backend.results import prediction, region_results
 from worker.cache import IndexCache
 from worker.hybridgl.images import ImageError, load_image
@@ -56,9 +56,6 @@ class Runtime:
         conn = q.connect(settings.redis_url)
         pipeline = pipeline or HybridGL()
         return cls(settings, conn, pipeline, IndexCache(pipeline, conn, settings.memory_indexes, settings.index_ttl))
-
-    def labelstudio(self, payload: dict):
-        return self.labelstudio_access(payload)[0]
 
     def labelstudio_access(self, payload: dict):
         """(client or None, why there is none): LABEL_STUDIO_URL / _API_KEY, each else what /setup sent
@@ -145,26 +142,38 @@ def _is_transient(exc: BaseException) -> bool:
 
 
 def _load_task_image(rt: Runtime, payload: dict):
+    """(decoded image, Label Studio client); the caller closes the client (None when unknown)."""
     client, missing = rt.labelstudio_access(payload)
     ref = payload["image"]
+    fetcher = client
     try:
-        if client is None:
+        if fetcher is None:
             if _needs_labelstudio(ref):
                 raise _fail(f"cannot fetch {ref[:200]!r}: {missing}")
             # Absolute URLs: allow-listed hosts need no Label Studio; other schemes are refused with their reason.
-            from backend.labelstudio import LabelStudioClient
-
-            client = LabelStudioClient("", "", rt.fetch_policy(),
-                                       transport=DeadlineTransport(rt.settings.image_fetch_timeout))
-        data = client.fetch_image(ref, payload.get("task_id"))
+            fetcher = LabelStudioClient("", "", rt.fetch_policy(),
+                                        transport=DeadlineTransport(rt.settings.image_fetch_timeout))
+        data = fetcher.fetch_image(ref, payload.get("task_id"))
+        rgb = load_image(data, max_pixels=rt.settings.image_max_pixels)
     except LabelStudioError as exc:
+        _close(fetcher)
         if exc.transient:
             raise
         raise _fail(str(exc)) from None
-    try:
-        return load_image(data, max_pixels=rt.settings.image_max_pixels), client
     except ImageError as exc:
+        _close(fetcher)
         raise _fail(f"task {payload.get('task_id')}: {exc}") from None
+    except BaseException:
+        _close(fetcher)
+        raise
+    if fetcher is not client:
+        _close(fetcher)
+    return rgb, client
+
+
+def _close(client) -> None:
+    if client is not None:
+        client.close()
 
 
 def _needs_labelstudio(ref: str) -> bool:
@@ -182,6 +191,7 @@ def predict(payload: dict) -> dict:
     rt = runtime()
     started = time.perf_counter()
     task_id = payload.get("task_id")
+    client = None
     try:
         try:
             config = parse_label_config(payload["label_config"])
@@ -221,6 +231,7 @@ def predict(payload: dict) -> dict:
                 job.retries_left = 0
         raise
     finally:
+        _close(client)
         job = get_current_job()
         queue_name = job.origin if job is not None else "direct"
         q.count(rt.conn, f"job_seconds_sum:{queue_name}", time.perf_counter() - started)
@@ -274,6 +285,7 @@ def write_prediction(client, task_id: int, pred: dict) -> None:
 def warm(payload: dict) -> dict:
     """Build (or find) an image's index ahead of the first prompt."""
     rt = runtime()
-    rgb, _ = _load_task_image(rt, payload)
+    rgb, client = _load_task_image(rt, payload)
+    _close(client)
     index, source = rt.cache.get(rgb)
     return {"task_id": payload.get("task_id"), "index": source, "masks": len(index)}
