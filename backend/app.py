@@ -146,6 +146,7 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
             depths = q.JobQueue(health_conn).depths()
             version = q.current_model_version(health_conn)
             tokenless = [] if settings.label_studio_api_key else q.setups_without_token(health_conn)
+            reported = q.problems(health_conn)  # what workers saw: Label Studio unreachable, a worker died, ...
         except redis.RedisError as exc:
             body = HealthResponse(status="DOWN", redis=f"unreachable ({type(exc).__name__})",
                                   problems=["Redis is unreachable: no job can run until it is back"])
@@ -158,6 +159,7 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
         versions = {w.get("model_version") for w in workers}
         if len(versions) > 1:
             problems.append(f"workers run different model versions: {sorted(versions)}")
+        problems += reported
         return HealthResponse(status="DEGRADED" if problems else "UP", model_version=version, redis="ok",
                               workers=workers, queues=depths, problems=problems)
 

@@ -29,7 +29,7 @@ class ServeSettings:
     interactive_timeout: float = _env("HYBRIDGL_INTERACTIVE_TIMEOUT", 60.0, "Seconds an interactive /predict waits for its job (Label Studio gives up at 100).")
     batch_budget: float = _env("HYBRIDGL_BATCH_BUDGET", 30.0, "Seconds /predict without context waits; jobs still running then write their predictions to Label Studio themselves.")
     job_timeout: int = _env("HYBRIDGL_JOB_TIMEOUT", 600, "Seconds after which a worker abandons a job.")
-    job_retries: int = _env("HYBRIDGL_JOB_RETRIES", 2, "Retries of a job that failed for a transient reason (network, Label Studio down).")
+    job_retries: int = _env("HYBRIDGL_JOB_RETRIES", 3, "Retries of a job that failed for a transient reason (network, Label Studio down) or whose worker died, after 2, 10, 30, then 60 s.")
     result_ttl: int = _env("HYBRIDGL_RESULT_TTL", 3600, "Seconds finished and failed jobs stay visible at /jobs/{id}.")
     index_ttl: int = _env("HYBRIDGL_INDEX_TTL", 7 * 24 * 3600, "Seconds an image index stays in the Redis cache.")
     memory_indexes: int = _env("HYBRIDGL_MEMORY_INDEXES", 16, "Image indexes each worker keeps in memory (LRU).")
@@ -41,6 +41,7 @@ class ServeSettings:
     image_max_pixels: int = _env("IMAGE_MAX_PIXELS", 50_000_000, "Largest image accepted, in pixels (decompression-bomb guard).")
     image_fetch_timeout: float = _env("IMAGE_FETCH_TIMEOUT", 30.0, "Seconds a worker gives an image host to connect, to send each chunk, and to deliver a whole image.")
     torch_threads: int = _env("HYBRIDGL_TORCH_THREADS", 0, "CPU threads a worker's torch uses (0 = torch's default, all cores).")
+    worker_heartbeat: float = _env("HYBRIDGL_WORKER_HEARTBEAT", 10.0, "Seconds between a worker's heartbeats. A worker silent for 3 of them is taken as dead: another worker retries the job it was running.")
     worker_queues: str = _env("HYBRIDGL_QUEUES", "interactive,batch,warmup", "Queues a worker listens on, highest priority first.")
 
     @classmethod

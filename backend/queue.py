@@ -30,7 +30,8 @@ INTERACTIVE, BATCH, WARMUP = "interactive", "batch", "warmup"
 QUEUES = (INTERACTIVE, BATCH, WARMUP)
 CLAIM_WEB, CLAIM_WORKER = "web", "worker"
 CLAIM_TTL = 24 * 3600
-WORKER_TTL = 60  # a worker's registration expires unless its heartbeat renews it
+RETRY_INTERVALS = [2, 10, 30, 60]  # seconds before each retry; later ones wait as long as the last
+HEARTBEATS_TO_DEATH = 3  # a worker silent for this many heartbeat intervals is taken as dead
 
 
 def connect(url: str) -> redis.Redis:
@@ -84,7 +85,7 @@ class JobQueue:
         return self.queues[queue].enqueue(
             func, payload, job_id=job_id, description=description, job_timeout=self.job_timeout,
             result_ttl=self.result_ttl, failure_ttl=self.result_ttl,
-            retry=Retry(max=self.retries, interval=[2, 10, 30][: max(self.retries, 1)]) if self.retries else None,
+            retry=Retry(max=self.retries, interval=RETRY_INTERVALS[: self.retries]) if self.retries else None,
         )
 
     def wait(self, job_ids: Iterable[str], deadline: float) -> dict[str, JobOutcome]:
@@ -142,12 +143,16 @@ def job_error(job: Job, result: Result | None = None) -> str:
         last = last.split(": ", 1)[1]
     if "JobTimeoutException" in text:
         return "the job ran past its time limit (HYBRIDGL_JOB_TIMEOUT)"
+    if "AbandonedJobError" in text:
+        return ("the worker running it stopped without finishing (killed, crashed or out of memory), and no retry "
+                "was left (HYBRIDGL_JOB_RETRIES): see the workers' logs and GET /health")
     return last
 
 
 # --- workers and the model version -------------------------------------------------------
-def register_worker(conn: redis.Redis, name: str, info: dict) -> None:
-    conn.set(f"{PREFIX}:worker:{name}", json.dumps(info), ex=WORKER_TTL)
+def register_worker(conn: redis.Redis, name: str, info: dict, heartbeat: float) -> None:
+    """(Re)register a live worker; the key expires unless renewed within HEARTBEATS_TO_DEATH heartbeats."""
+    conn.set(f"{PREFIX}:worker:{name}", json.dumps(info), px=max(1, int(heartbeat * HEARTBEATS_TO_DEATH * 1000)))
     conn.set(f"{PREFIX}:model_version", info["model_version"])
 
 
@@ -232,6 +237,41 @@ def setups_without_token(conn: redis.Redis) -> list[str]:
         except (ValueError, AttributeError):
             continue
     return sorted(projects)
+
+
+# --- problems /health reports: parts degraded now or recently --------------------------------
+# One key per part (``labelstudio``, ``worker:<name>``, ...), expiring on its own, so that a part
+# that recovers without anyone clearing it stops being reported.
+def problem_key(part: str) -> str:
+    return f"{PREFIX}:problem:{part}"
+
+
+def report_problem(conn: redis.Redis, part: str, message: str, ttl: int) -> None:
+    """Record that ``part`` is degraded; ``since`` keeps the first report of an ongoing problem."""
+    key = problem_key(part)
+    try:
+        since = json.loads(conn.get(key) or "{}").get("since")
+    except (ValueError, AttributeError):
+        since = None
+    conn.set(key, json.dumps({"message": message, "since": since or time.time()}), ex=ttl)
+
+
+def clear_problem(conn: redis.Redis, part: str) -> None:
+    conn.delete(problem_key(part))
+
+
+def problems(conn: redis.Redis) -> list[str]:
+    """Active problems, oldest first, each with the UTC time it began."""
+    keys = sorted(conn.scan_iter(problem_key("*"), count=100))
+    records = []
+    for raw in conn.mget(keys) if keys else []:
+        try:
+            record = json.loads(raw) if raw else None
+            records.append((float(record["since"]), str(record["message"])))
+        except (ValueError, TypeError, KeyError):
+            continue
+    return [f"{message} (since {time.strftime('%H:%M:%S', time.gmtime(since))} UTC)"
+            for since, message in sorted(records)]
 
 
 # --- metrics -------------------------------------------------------------------------------

@@ -2,22 +2,36 @@
 
 RQ's default worker forks a child per job, which would reload the models every time and break
 CUDA; ``SimpleWorker`` runs jobs in this process, with RQ's job timeouts (SIGALRM) still applied.
+
+A heartbeat thread keeps the worker's registration alive and reaps the jobs of dead workers: a
+worker killed mid-job (SIGKILL, the OOM killer, a lost host) leaves its job "started" in RQ, which
+would notice only after the job's timeout plus a minute. Any live worker sees the dead one's
+registration expire within ``HEARTBEATS_TO_DEATH`` heartbeats and hands its jobs to RQ's own
+abandoned-job handling at once: retried while retries are left, else failed with the reason.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
+import signal
 import socket
+import sys
 import threading
 
+import redis
 from rq import Queue, SimpleWorker
+from rq.executions import Execution
+from rq.registry import StartedJobRegistry
+from rq.utils import parse_composite_key
 
 from backend import queue as q
 from backend.config import ServeSettings
 
 log = logging.getLogger(__name__)
-HEARTBEAT_SECONDS = 20
+REAPER_LOCK_SECONDS = 5
+DEAD_WORKER_REPORT_SECONDS = 15 * 60  # how long /health mentions a worker that died mid-job
 
 
 def run_worker(serve: ServeSettings, method_settings, name: str | None = None, burst: bool = False) -> int:
@@ -40,16 +54,18 @@ def run_worker(serve: ServeSettings, method_settings, name: str | None = None, b
     stop = threading.Event()
 
     def heartbeat() -> None:
-        while not stop.is_set():
+        while not stop.wait(serve.worker_heartbeat):
             try:
-                q.register_worker(conn, name, info)
+                q.register_worker(conn, name, info, serve.worker_heartbeat)
+                reap_dead_workers_jobs(conn)
             except Exception as exc:  # noqa: BLE001 - Redis may come back; keep trying
                 log.warning("worker heartbeat failed: %s", exc)
-            stop.wait(HEARTBEAT_SECONDS)
 
-    q.register_worker(conn, name, info)
+    q.register_worker(conn, name, info, serve.worker_heartbeat)
+    reap_dead_workers_jobs(conn)  # jobs left by a worker that died while none was alive to notice
     threading.Thread(target=heartbeat, name="heartbeat", daemon=True).start()
     log.info("worker %s ready: model_version %s, queues %s", name, pipeline.model_version, ",".join(serve.queues))
+    _children_die_with_this_process()
     worker = SimpleWorker([Queue(n, connection=conn) for n in serve.queues], connection=conn, name=name)
     try:
         worker.work(with_scheduler=True, burst=burst, logging_level="INFO")
@@ -57,3 +73,52 @@ def run_worker(serve: ServeSettings, method_settings, name: str | None = None, b
         stop.set()
         conn.delete(f"{q.PREFIX}:worker:{name}")
     return 0
+
+
+def _children_die_with_this_process() -> None:
+    """RQ forks its scheduler (retry back-off) from the worker. Killed with SIGKILL or by the OOM killer,
+    the worker would leave that child running, holding a copy of the models' memory: on Linux the
+    child asks for SIGTERM (RQ's graceful stop) when its parent dies."""
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getpid()
+
+    def in_child() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    os.register_at_fork(after_in_child=in_child)
+
+
+def reap_dead_workers_jobs(conn: redis.Redis) -> list[str]:
+    """Hand the started jobs of workers whose registration expired to RQ's abandoned-job handling
+    (retry, or fail when no retry is left). Returns the job ids handed over."""
+    if not conn.set(f"{q.PREFIX}:reaper", "1", nx=True, ex=REAPER_LOCK_SECONDS):
+        return []  # another worker is reaping now
+    alive = {w.get("name") for w in q.live_workers(conn)}
+    reaped: list[str] = []
+    dead_workers: dict[str, list[str]] = {}
+    for queue_name in q.QUEUES:
+        registry = StartedJobRegistry(queue_name, connection=conn)
+        expired = {}
+        for entry in conn.zrange(registry.key, 0, -1):
+            job_id, execution_id = parse_composite_key(entry.decode())
+            worker_name = conn.hget(Execution(execution_id, job_id, conn).key, "worker_name")
+            worker_name = worker_name.decode() if worker_name else ""
+            if worker_name and worker_name not in alive:
+                expired[entry] = 0  # expire now: RQ's cleanup treats it as abandoned
+                dead_workers.setdefault(worker_name, []).append(job_id)
+                reaped.append(job_id)
+        if expired:
+            conn.zadd(registry.key, expired, xx=True)
+            registry.cleanup()
+    for worker_name, job_ids in dead_workers.items():
+        log.warning("worker %s stopped heartbeating while running %s: retried (or failed when out of retries)",
+                    worker_name, ", ".join(job_ids))
+        q.report_problem(conn, f"worker:{worker_name}", (
+            f"worker {worker_name} stopped without finishing {len(job_ids)} job(s) (killed, crashed or out of "
+            "memory: see its log); another worker retried them, or failed them when out of retries"),
+            DEAD_WORKER_REPORT_SECONDS)
+    return reaped
