@@ -76,14 +76,17 @@ _BODY_SNIPPET = 300
 class LabelStudioError(Exception):
     """Talking to Label Studio (or fetching an image) failed.
 
-    ``transient`` is True when retrying later may help (timeouts, connection errors, 429, 5xx).
+    ``transient`` is True when retrying later may help (timeouts, connection errors, 429, 5xx);
+    ``unreachable`` is True when it was Label Studio itself (not an image host) that could not be reached.
     The message says what is wrong and what to change; it never contains a token.
     """
 
-    def __init__(self, message: str, *, transient: bool = False, status: int | None = None):
+    def __init__(self, message: str, *, transient: bool = False, status: int | None = None,
+                 unreachable: bool = False):
         super().__init__(message)
         self.transient = transient
         self.status = status
+        self.unreachable = unreachable
 
 
 class ImageFetchError(LabelStudioError):
@@ -342,8 +345,8 @@ class LabelStudioClient:
         return text
 
     def _error(self, cls: type[LabelStudioError], message: str, *, transient: bool = False,
-               status: int | None = None) -> LabelStudioError:
-        return cls(self._redact(message), transient=transient, status=status)
+               status: int | None = None, unreachable: bool = False) -> LabelStudioError:
+        return cls(self._redact(message), transient=transient, status=status, unreachable=unreachable)
 
     # ---- auth
 
@@ -434,14 +437,15 @@ class LabelStudioClient:
         if isinstance(exc, httpx.TimeoutException):
             setting = f" within {self.policy.timeout:g} s" + (f" ({ENV_TIMEOUT})" if cls is not LabelStudioError else "")
             return self._error(cls, f"cannot {doing}: {where} did not answer{setting} ({type(exc).__name__}); "
-                               "retry later", transient=True)
+                               "retry later", transient=True, unreachable=self._is_ls(url))
         if isinstance(exc, httpx.ConnectError) and ("CERTIFICATE" in detail.upper() or "SSL" in detail.upper()):
             return self._error(cls, f"cannot {doing}: TLS with {where} failed ({detail}); check its certificate "
                                "or point SSL_CERT_FILE at your CA bundle")
         if isinstance(exc, (httpx.UnsupportedProtocol, httpx.LocalProtocolError, httpx.InvalidURL)):
             return self._error(cls, f"cannot {doing}: invalid request to {where} ({detail})")
         hint = f"; is Label Studio running and is {ENV_URL} right?" if self._is_ls(url) else "; retry later"
-        return self._error(cls, f"cannot {doing}: {where} is unreachable ({detail}){hint}", transient=True)
+        return self._error(cls, f"cannot {doing}: {where} is unreachable ({detail}){hint}", transient=True,
+                           unreachable=self._is_ls(url))
 
     def _body_snippet(self, response: httpx.Response) -> str:
         """The start of an error body (Label Studio's JSON explains 400s); never HTML, never unread streams."""
@@ -471,7 +475,7 @@ class LabelStudioClient:
                 f"{ENV_URL} to that address; a presigned URL may have expired."), status=status)
         if status == 429 or status >= 500:
             return self._error(cls, f"cannot {doing}: {where} answered HTTP {status} for {self._describe(url)}; "
-                               "retry later", transient=True, status=status)
+                               "retry later", transient=True, status=status, unreachable=self._is_ls(url))
         return self._error(cls, f"cannot {doing}: {where} answered HTTP {status} for "
                            f"{self._describe(url)}{self._body_snippet(response)}", status=status)
 
@@ -617,7 +621,7 @@ class LabelStudioClient:
         # One family for callers (a failed token exchange is an ImageFetchError here), and one last
         # scrub (a reference could quote a token); raised outside the handler so that the original
         # is not kept as __context__.
-        raise cls(message, transient=failure.transient, status=failure.status)
+        raise cls(message, transient=failure.transient, status=failure.status, unreachable=failure.unreachable)
 
     def _first_url(self, ref: str, task_id: int | None) -> tuple[httpx.URL, set]:
         scheme = ref.split(":", 1)[0].lower() if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", ref) else ""

@@ -35,6 +35,8 @@ DELIVER_RETURN = "return"  # interactive: the answer goes back in the HTTP respo
 DELIVER_CLAIM = "claim"  # /predict without context: return if the web still waits, else write
 DELIVER_WRITE = "write"  # prelabel: always write to Label Studio
 LAST_PROMPT_TTL = 24 * 3600
+LABEL_STUDIO_PROBLEM = "labelstudio"  # /health's entry while workers cannot reach Label Studio
+LABEL_STUDIO_PROBLEM_SECONDS = 300  # reported until a job reaches it again, or this long after the last failure
 
 
 class JobFailed(Exception):
@@ -219,11 +221,14 @@ def predict(payload: dict) -> dict:
             rt.conn.set(_last_key(payload), json.dumps(last), ex=LAST_PROMPT_TTL)
         pred = prediction(results, float(mean(scores)) if scores else 0.0, pipeline.model_version)
         _deliver(rt, payload, pred, client)
+        if client is not None:
+            q.clear_problem(rt.conn, LABEL_STUDIO_PROBLEM)  # reached it (image or prediction): not down
     except JobFailed as exc:
         log.warning("task %s failed: %s", task_id, exc)
         q.count(rt.conn, "jobs_failed")
         raise
     except Exception as exc:
+        _report_unreachable(rt, exc)
         if not _is_transient(exc):
             log.exception("task %s failed", task_id)
             job = get_current_job()
@@ -237,6 +242,15 @@ def predict(payload: dict) -> dict:
         q.count(rt.conn, f"job_seconds_sum:{queue_name}", time.perf_counter() - started)
         q.count(rt.conn, f"job_count:{queue_name}")
     return {"task_id": task_id, "prediction": pred, "index": source}
+
+
+def _report_unreachable(rt: Runtime, exc: Exception) -> None:
+    if isinstance(exc, LabelStudioError) and exc.unreachable:
+        try:
+            q.report_problem(rt.conn, LABEL_STUDIO_PROBLEM, f"workers cannot reach Label Studio: {exc}; jobs are "
+                             "retried (HYBRIDGL_JOB_RETRIES), then fail with this reason", LABEL_STUDIO_PROBLEM_SECONDS)
+        except redis.RedisError:
+            pass
 
 
 def _refine(rt: Runtime, index, payload: dict):
@@ -285,7 +299,11 @@ def write_prediction(client, task_id: int, pred: dict) -> None:
 def warm(payload: dict) -> dict:
     """Build (or find) an image's index ahead of the first prompt."""
     rt = runtime()
-    rgb, client = _load_task_image(rt, payload)
+    try:
+        rgb, client = _load_task_image(rt, payload)
+    except LabelStudioError as exc:
+        _report_unreachable(rt, exc)
+        raise
     _close(client)
     index, source = rt.cache.get(rgb)
     return {"task_id": payload.get("task_id"), "index": source, "masks": len(index)}
