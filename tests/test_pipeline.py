@@ -38,13 +38,18 @@ def dog_index(pipeline) -> ImageIndex:
     return pipeline.index(DATA / "dog.jpg")
 
 
-def test_proposals_are_sams_automatic_masks(pipeline):
-    """Our mask generator gives segment-anything's masks, boxes and order exactly."""
+@pytest.mark.parametrize("masks_per_upsample", [None, 3])
+def test_proposals_are_sams_automatic_masks(pipeline, monkeypatch, masks_per_upsample):
+    """Our mask generator gives segment-anything's masks, boxes and order exactly, also when it upsamples
+    the masks a few at a time (as it does for big images, to bound memory)."""
     from segment_anything import SamAutomaticMaskGenerator
 
+    from worker.hybridgl import proposals
     from worker.hybridgl.proposals import PRESETS
 
     rgb = np.asarray(Image.open(DATA / "groceries.jpg").convert("RGB"))
+    if masks_per_upsample:
+        monkeypatch.setattr(proposals, "UPSAMPLE_BYTES", 4 * rgb.shape[0] * rgb.shape[1] * masks_per_upsample)
     reference = SamAutomaticMaskGenerator(pipeline.models.sam, **PRESETS["refcoco"]).generate(rgb)
     ours = pipeline.proposer(rgb)
     assert len(reference) > 5

@@ -2,12 +2,14 @@
 
 This is segment-anything's ``SamAutomaticMaskGenerator`` algorithm, step for step and built from
 its own utility functions, so the masks, their order and their boxes are the generator's (a test
-compares both on real photos). Two things differ, neither changing a result:
+compares both on real photos). Three things differ, none changing a result:
 
 - masks below ``pred_iou_thresh`` are dropped *before* their logits are upsampled to the image
   size (the IoU prediction does not depend on the upsampled mask), which saves most of SAM's
   post-processing time;
-- masks stay boolean tensors throughout instead of going through RLE and back.
+- masks stay boolean tensors throughout instead of going through RLE and back;
+- survivors are upsampled a few at a time (``UPSAMPLE_BYTES``), so memory grows with the image's
+  pixels times the masks kept, not times every mask SAM decoded.
 
 It also returns the full-image SAM embedding, so that point prompts (interactive clicks) can
 refine a mask later without running the image encoder again.
@@ -42,6 +44,7 @@ PRESETS: dict[str, dict] = {
     "phrasecut": dict(points_per_side=64, pred_iou_thresh=0.86, stability_score_thresh=0.92,
                       crop_n_layers=1, crop_n_points_downscale_factor=2, min_mask_region_area=100),
 }
+UPSAMPLE_BYTES = 256 * 2**20  # float logits upsampled to image size at once (memory bound, not a result)
 SAM_DEFAULTS = dict(stability_score_offset=1.0, box_nms_thresh=0.7, crop_overlap_ratio=512 / 1500,
                     crop_nms_thresh=0.7)
 
@@ -143,14 +146,28 @@ class MaskProposer:
                         points=torch.as_tensor(points.repeat(n_out, axis=0)))
         if p["pred_iou_thresh"] > 0.0:
             data.filter(data["iou_preds"] > p["pred_iou_thresh"])
-        # Only the survivors are upsampled: the same per-mask computation as SAM's predict_torch.
-        masks = sam.postprocess_masks(data["low_res"][:, None], input_size, crop_size)[:, 0]
+        # Only the survivors are upsampled: the same per-mask computation as SAM's predict_torch, a few
+        # masks at a time so that the float logits at image size stay within UPSAMPLE_BYTES (a 12-megapixel
+        # photo's 100 survivors would need 5 GB at once); only the boolean masks that pass are kept.
+        low_res = data["low_res"]
         del data["low_res"]
-        data["masks"] = masks
-        data["stability_score"] = calculate_stability_score(masks, sam.mask_threshold, p["stability_score_offset"])
-        if p["stability_score_thresh"] > 0.0:
-            data.filter(data["stability_score"] >= p["stability_score_thresh"])
-        data["masks"] = data["masks"] > sam.mask_threshold
+        chunk = max(1, UPSAMPLE_BYTES // (4 * crop_size[0] * crop_size[1]))
+        masks, stability, passed = [], [], []
+        for start in range(0, len(low_res), chunk):
+            logits = sam.postprocess_masks(low_res[start:start + chunk, None], input_size, crop_size)[:, 0]
+            score = calculate_stability_score(logits, sam.mask_threshold, p["stability_score_offset"])
+            keep = score >= p["stability_score_thresh"] if p["stability_score_thresh"] > 0.0 else \
+                torch.ones_like(score, dtype=torch.bool)
+            masks.append(logits[keep] > sam.mask_threshold)
+            stability.append(score[keep])
+            passed.append(keep)
+            del logits
+        if passed:
+            data.filter(torch.cat(passed))
+            data["masks"], data["stability_score"] = torch.cat(masks), torch.cat(stability)
+        else:
+            data["masks"] = torch.zeros((0, *crop_size), dtype=torch.bool, device=low_res.device)
+            data["stability_score"] = torch.zeros(0, device=low_res.device)
         data["boxes"] = batched_mask_to_box(data["masks"])
         keep = ~is_box_near_crop_edge(data["boxes"], crop_box, [0, 0, orig_size[1], orig_size[0]])
         if not torch.all(keep):
