@@ -41,6 +41,7 @@ class ServeSettings:
     image_max_pixels: int = _env("IMAGE_MAX_PIXELS", 50_000_000, "Largest image accepted, in pixels (decompression-bomb guard).")
     image_fetch_timeout: float = _env("IMAGE_FETCH_TIMEOUT", 30.0, "Seconds a worker gives an image host to connect, to send each chunk, and to deliver a whole image.")
     torch_threads: int = _env("HYBRIDGL_TORCH_THREADS", 0, "CPU threads a worker's torch uses (0 = torch's default, all cores).")
+    job_memory: int = _env("HYBRIDGL_JOB_MEMORY", 0, "MiB of memory a worker may allocate beyond what it holds once its models are loaded (Linux: RLIMIT_DATA; 0 = no limit). A job whose image needs more fails with 'out of memory' and the worker goes on, instead of the kernel killing it. Covers the in-memory index cache too.")
     worker_heartbeat: float = _env("HYBRIDGL_WORKER_HEARTBEAT", 10.0, "Seconds between a worker's heartbeats. A worker silent for 3 of them is taken as dead: another worker retries the job it was running.")
     worker_queues: str = _env("HYBRIDGL_QUEUES", "interactive,batch,warmup", "Queues a worker listens on, highest priority first.")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass
 from statistics import mean
@@ -36,7 +37,8 @@ DELIVER_CLAIM = "claim"  # /predict without context: return if the web still wai
 DELIVER_WRITE = "write"  # prelabel: always write to Label Studio
 LAST_PROMPT_TTL = 24 * 3600
 LABEL_STUDIO_PROBLEM = "labelstudio"  # /health's entry while workers cannot reach Label Studio
-LABEL_STUDIO_PROBLEM_SECONDS = 300  # reported until a job reaches it again, or this long after the last failure
+LABEL_STUDIO_PROBLEM_SECONDS = 300
+MEMORY_PROBLEM_SECONDS = 15 * 60  # how long /health mentions a job that ran out of memory  # reported until a job reaches it again, or this long after the last failure
 
 
 class JobFailed(Exception):
@@ -200,7 +202,7 @@ def predict(payload: dict) -> dict:
         except LabelConfigError as exc:
             raise _fail(str(exc)) from None
         rgb, client = _load_task_image(rt, payload)
-        index, source = rt.cache.get(rgb)
+        index, source = _index(rt, rgb, task_id)
         pipeline = rt.pipeline
         results, scores = [], []
         last = None
@@ -242,6 +244,49 @@ def predict(payload: dict) -> dict:
         q.count(rt.conn, f"job_seconds_sum:{queue_name}", time.perf_counter() - started)
         q.count(rt.conn, f"job_count:{queue_name}")
     return {"task_id": task_id, "prediction": pred, "index": source}
+
+
+def _index(rt: Runtime, rgb: np.ndarray, task_id):
+    """The image's index (cached or built). Running out of memory fails the job, without retry, with
+    the reason; the worker frees what the attempt held and goes on with the next job."""
+    try:
+        return rt.cache.get(rgb)
+    except Exception as exc:  # noqa: BLE001 - only memory errors are handled here
+        if not _is_out_of_memory(exc):
+            raise
+        asked = re.search(r"allocate (\d+) bytes|allocate ([\d.]+ [KMGT]i?B)", str(exc))
+        detail = ("allocating " + (f"{int(asked[1]) / 2**20:.0f} MiB" if asked[1] else asked[2]) + " more failed"
+                  if asked else type(exc).__name__)
+    # Outside the handler, so that the traceback (and the tensors its frames hold) is gone first.
+    _free_memory(rt)
+    h, w = rgb.shape[:2]
+    budget = f"HYBRIDGL_JOB_MEMORY={rt.settings.job_memory} MiB" if rt.settings.job_memory else "the host's memory"
+    job = get_current_job()
+    worker = (job.worker_name if job is not None else None) or "a worker"
+    q.report_problem(rt.conn, f"memory:{worker}", (
+        f"{worker} ran out of memory on task {task_id} ({w}x{h} image, {budget}): lower IMAGE_MAX_PIXELS to refuse "
+        "such images up front, or give workers more memory"), MEMORY_PROBLEM_SECONDS)
+    raise _fail(f"task {task_id}: out of memory while processing its {w}x{h} image ({budget}; {detail}): lower "
+                "IMAGE_MAX_PIXELS so that such images are refused up front, or give the workers more memory "
+                "(HYBRIDGL_JOB_MEMORY) and run the task again")
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    """numpy's MemoryError, torch's CPU allocator failing (RuntimeError) and CUDA's OutOfMemoryError."""
+    text = str(exc)
+    return isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and (
+        "can't allocate memory" in text or "out of memory" in text.lower() or "OutOfMemory" in type(exc).__name__))
+
+
+def _free_memory(rt: Runtime) -> None:
+    import gc
+
+    gc.collect()
+    device = getattr(getattr(rt.pipeline, "models", None), "device", None)
+    if device is not None and getattr(device, "type", "") == "cuda":
+        import torch
+
+        torch.cuda.empty_cache()
 
 
 def _report_unreachable(rt: Runtime, exc: Exception) -> None:
@@ -305,5 +350,5 @@ def warm(payload: dict) -> dict:
         _report_unreachable(rt, exc)
         raise
     _close(client)
-    index, source = rt.cache.get(rgb)
+    index, source = _index(rt, rgb, payload.get("task_id"))
     return {"task_id": payload.get("task_id"), "index": source, "masks": len(index)}

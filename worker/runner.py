@@ -47,6 +47,8 @@ def run_worker(serve: ServeSettings, method_settings, name: str | None = None, b
     log.info("loading models (%s, %s)...", method_settings.sam_model, method_settings.clip_model)
     pipeline = HybridGL(method_settings)
     jobs.set_runtime(jobs.Runtime.create(serve, pipeline))
+    if serve.job_memory > 0:
+        limit_memory(serve.job_memory)
     name = name or f"hybridgl-{socket.gethostname()}-{os.getpid()}"
     info = {"name": name, "model_version": pipeline.model_version, "device": str(pipeline.models.device),
             "precision": str(pipeline.models.dtype).replace("torch.", ""), "queues": list(serve.queues),
@@ -73,6 +75,26 @@ def run_worker(serve: ServeSettings, method_settings, name: str | None = None, b
         stop.set()
         conn.delete(f"{q.PREFIX}:worker:{name}")
     return 0
+
+
+def limit_memory(job_mib: int) -> None:
+    """Cap this process's data memory at what it holds now (models loaded) plus ``job_mib``: an allocation
+    past it fails (MemoryError, or torch's 'can't allocate memory') inside the job, which then fails with
+    that reason, instead of the kernel's OOM killer taking the whole worker (and its host's neighbours)."""
+    import resource
+
+    if not sys.platform.startswith("linux"):
+        log.warning("HYBRIDGL_JOB_MEMORY is only enforced on Linux; ignored")
+        return
+    with open("/proc/self/status") as status:
+        held = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmData:"))
+    hard = resource.getrlimit(resource.RLIMIT_DATA)[1]
+    limit = held + job_mib * 2**20
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_DATA, (limit, hard))
+    log.info("memory limit: %d MiB of data (%d MiB held after loading the models + HYBRIDGL_JOB_MEMORY)",
+             limit // 2**20, held // 2**20)
 
 
 def _children_die_with_this_process() -> None:
