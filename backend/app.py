@@ -141,16 +141,13 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
     async def health():
         problems: list[str] = []
         try:
-            health_conn.ping()
-            workers = q.live_workers(health_conn)
-            depths = q.JobQueue(health_conn).depths()
-            version = q.current_model_version(health_conn)
-            tokenless = [] if settings.label_studio_api_key else q.setups_without_token(health_conn)
-            reported = q.problems(health_conn)  # what workers saw: Label Studio unreachable, a worker died, ...
+            state = q.snapshot(health_conn)
         except redis.RedisError as exc:
             body = HealthResponse(status="DOWN", redis=f"unreachable ({type(exc).__name__})",
                                   problems=["Redis is unreachable: no job can run until it is back"])
             return JSONResponse(body.model_dump(), status_code=503)
+        workers, version = state.workers, state.model_version
+        tokenless = [] if settings.label_studio_api_key else state.tokenless
         if not workers:
             problems.append("no worker is running: jobs wait in the queue until `hybridgl worker` starts")
         if tokenless:
@@ -159,9 +156,9 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
         versions = {w.get("model_version") for w in workers}
         if len(versions) > 1:
             problems.append(f"workers run different model versions: {sorted(versions)}")
-        problems += reported
+        problems += state.problems  # what workers saw: Label Studio unreachable, a worker died, ...
         return HealthResponse(status="DEGRADED" if problems else "UP", model_version=version, redis="ok",
-                              workers=workers, queues=depths, problems=problems)
+                              workers=workers, queues=state.depths, problems=problems)
 
     @app.post("/setup", response_model=SetupResponse)
     async def setup(body: SetupRequest):

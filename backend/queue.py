@@ -150,20 +150,46 @@ def job_error(job: Job, result: Result | None = None) -> str:
 
 
 # --- workers and the model version -------------------------------------------------------
+# Each worker has an info key that expires unless its heartbeat renews it, and an entry in one sorted
+# set (score: when it expires) so that finding the live ones never scans the keyspace: /health reads
+# them, and a keyspace holding thousands of job records would make a SCAN cost a round trip per 100 keys.
+WORKERS_KEY = f"{PREFIX}:workers"
+MODEL_VERSION_KEY = f"{PREFIX}:model_version"
+
+
+def worker_key(name: str) -> str:
+    return f"{PREFIX}:worker:{name}"
+
+
 def register_worker(conn: redis.Redis, name: str, info: dict, heartbeat: float) -> None:
-    """(Re)register a live worker; the key expires unless renewed within HEARTBEATS_TO_DEATH heartbeats."""
-    conn.set(f"{PREFIX}:worker:{name}", json.dumps(info), px=max(1, int(heartbeat * HEARTBEATS_TO_DEATH * 1000)))
-    conn.set(f"{PREFIX}:model_version", info["model_version"])
+    """(Re)register a live worker; it counts as dead unless renewed within HEARTBEATS_TO_DEATH heartbeats."""
+    ttl = heartbeat * HEARTBEATS_TO_DEATH
+    with conn.pipeline(transaction=False) as pipe:
+        pipe.set(worker_key(name), json.dumps(info), px=max(1, int(ttl * 1000)))
+        pipe.zadd(WORKERS_KEY, {name: time.time() + ttl})
+        pipe.zremrangebyscore(WORKERS_KEY, 0, time.time() - 24 * 3600)  # long-gone workers
+        pipe.set(MODEL_VERSION_KEY, info["model_version"])
+        pipe.execute()
+
+
+def unregister_worker(conn: redis.Redis, name: str) -> None:
+    with conn.pipeline(transaction=False) as pipe:
+        pipe.delete(worker_key(name))
+        pipe.zrem(WORKERS_KEY, name)
+        pipe.execute()
 
 
 def live_workers(conn: redis.Redis) -> list[dict]:
-    keys = list(conn.scan_iter(f"{PREFIX}:worker:*", count=100))
-    values = conn.mget(keys) if keys else []
+    return _worker_infos(conn, conn.zrangebyscore(WORKERS_KEY, time.time(), "+inf"))
+
+
+def _worker_infos(conn: redis.Redis, names: list[bytes]) -> list[dict]:
+    values = conn.mget([worker_key(n.decode()) for n in names]) if names else []
     return [json.loads(v) for v in values if v]
 
 
 def current_model_version(conn: redis.Redis) -> str | None:
-    value = conn.get(f"{PREFIX}:model_version")
+    value = conn.get(MODEL_VERSION_KEY)
     return value.decode() if value else None
 
 
@@ -178,6 +204,9 @@ TOKEN_WITHHELD = ("workers have no Label Studio token: set LABEL_STUDIO_API_KEY 
 
 def setup_key(project: Any) -> str:
     return f"{PREFIX}:setup:{project}"
+
+
+WITHHELD_KEY = f"{PREFIX}:setups-token-withheld"  # set of the projects whose /setup token was not kept
 
 
 def _fernet(secret_key: str):
@@ -196,7 +225,10 @@ def save_setup(conn: redis.Redis, project: str, hostname: str | None, token: str
             record["token_encrypted"] = _fernet(secret_key).encrypt(token.encode()).decode()
         else:
             record["token_withheld"] = True
-    conn.set(setup_key(project), json.dumps(record))
+    with conn.pipeline(transaction=False) as pipe:
+        pipe.set(setup_key(project), json.dumps(record))
+        (pipe.sadd if record.get("token_withheld") else pipe.srem)(WITHHELD_KEY, str(project))
+        pipe.execute()
 
 
 def load_setup(conn: redis.Redis, project: Any, secret_key: str) -> tuple[str | None, str | None, str | None]:
@@ -228,50 +260,78 @@ def load_setup(conn: redis.Redis, project: Any, secret_key: str) -> tuple[str | 
 
 def setups_without_token(conn: redis.Redis) -> list[str]:
     """Projects whose /setup token was not kept (no HYBRIDGL_SECRET_KEY)."""
-    keys = list(conn.scan_iter(setup_key("*"), count=100))
-    projects = []
-    for key, raw in zip(keys, conn.mget(keys) if keys else []):
-        try:
-            if raw and json.loads(raw).get("token_withheld"):
-                projects.append(key.decode().split(":", 2)[2])
-        except (ValueError, AttributeError):
-            continue
-    return sorted(projects)
+    return sorted(m.decode() for m in conn.smembers(WITHHELD_KEY))
 
 
 # --- problems /health reports: parts degraded now or recently --------------------------------
-# One key per part (``labelstudio``, ``worker:<name>``, ...), expiring on its own, so that a part
-# that recovers without anyone clearing it stops being reported.
-def problem_key(part: str) -> str:
-    return f"{PREFIX}:problem:{part}"
+# One hash field per part (``labelstudio``, ``worker:<name>``, ...), each with the time it stops being
+# reported, so that a part that recovers without anyone clearing it drops out on its own.
+PROBLEMS_KEY = f"{PREFIX}:problems"
 
 
 def report_problem(conn: redis.Redis, part: str, message: str, ttl: int) -> None:
     """Record that ``part`` is degraded; ``since`` keeps the first report of an ongoing problem."""
-    key = problem_key(part)
+    now = time.time()
+    since = None
     try:
-        since = json.loads(conn.get(key) or "{}").get("since")
-    except (ValueError, AttributeError):
-        since = None
-    conn.set(key, json.dumps({"message": message, "since": since or time.time()}), ex=ttl)
+        old = json.loads(conn.hget(PROBLEMS_KEY, part) or "{}")
+        if float(old.get("until", 0)) > now:
+            since = old.get("since")
+    except (ValueError, AttributeError, TypeError):
+        pass
+    with conn.pipeline(transaction=False) as pipe:
+        pipe.hset(PROBLEMS_KEY, part, json.dumps({"message": message, "since": since or now, "until": now + ttl}))
+        pipe.expire(PROBLEMS_KEY, max(ttl, int(conn.ttl(PROBLEMS_KEY) or 0)))
+        pipe.execute()
 
 
 def clear_problem(conn: redis.Redis, part: str) -> None:
-    conn.delete(problem_key(part))
+    conn.hdel(PROBLEMS_KEY, part)
 
 
 def problems(conn: redis.Redis) -> list[str]:
-    """Active problems, oldest first, each with the UTC time it began."""
-    keys = sorted(conn.scan_iter(problem_key("*"), count=100))
+    return _active_problems(conn.hgetall(PROBLEMS_KEY))
+
+
+def _active_problems(fields: dict) -> list[str]:
+    """Problems still in force, oldest first, each with the UTC time it began."""
+    now = time.time()
     records = []
-    for raw in conn.mget(keys) if keys else []:
+    for raw in fields.values():
         try:
-            record = json.loads(raw) if raw else None
-            records.append((float(record["since"]), str(record["message"])))
+            record = json.loads(raw)
+            if float(record["until"]) > now:
+                records.append((float(record["since"]), str(record["message"])))
         except (ValueError, TypeError, KeyError):
             continue
     return [f"{message} (since {time.strftime('%H:%M:%S', time.gmtime(since))} UTC)"
             for since, message in sorted(records)]
+
+
+# --- /health in two round trips ------------------------------------------------------------
+@dataclass
+class Snapshot:
+    workers: list[dict]
+    depths: dict[str, int]
+    model_version: str | None
+    tokenless: list[str]
+    problems: list[str]
+
+
+def snapshot(conn: redis.Redis) -> Snapshot:
+    """What /health reports, read in one pipeline (plus one MGET of the live workers' infos)."""
+    with conn.pipeline(transaction=False) as pipe:
+        pipe.zrangebyscore(WORKERS_KEY, time.time(), "+inf")
+        for name in QUEUES:
+            pipe.llen(Queue.redis_queue_namespace_prefix + name)
+        pipe.get(MODEL_VERSION_KEY)
+        pipe.smembers(WITHHELD_KEY)
+        pipe.hgetall(PROBLEMS_KEY)
+        names, *rest = pipe.execute()
+    lengths, (version, withheld, problem_fields) = rest[:len(QUEUES)], rest[len(QUEUES):]
+    return Snapshot(workers=_worker_infos(conn, names), depths=dict(zip(QUEUES, lengths)),
+                    model_version=version.decode() if version else None,
+                    tokenless=sorted(m.decode() for m in withheld), problems=_active_problems(problem_fields))
 
 
 # --- metrics -------------------------------------------------------------------------------

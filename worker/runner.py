@@ -76,7 +76,7 @@ def run_worker(serve: ServeSettings, method_settings, name: str | None = None, b
         worker.work(with_scheduler=True, burst=burst, logging_level="INFO")
     finally:
         stop.set()
-        conn.delete(f"{q.PREFIX}:worker:{name}")
+        q.unregister_worker(conn, name)
     return 0
 
 
