@@ -37,8 +37,8 @@ DELIVER_CLAIM = "claim"  # /predict without context: return if the web still wai
 DELIVER_WRITE = "write"  # prelabel: always write to Label Studio
 LAST_PROMPT_TTL = 24 * 3600
 LABEL_STUDIO_PROBLEM = "labelstudio"  # /health's entry while workers cannot reach Label Studio
-LABEL_STUDIO_PROBLEM_SECONDS = 300
-MEMORY_PROBLEM_SECONDS = 15 * 60  # how long /health mentions a job that ran out of memory  # reported until a job reaches it again, or this long after the last failure
+LABEL_STUDIO_PROBLEM_SECONDS = 300  # reported until a job reaches it again, or this long after the last failure
+MEMORY_PROBLEM_SECONDS = 15 * 60  # how long /health mentions a job that ran out of memory
 
 
 class JobFailed(Exception):
