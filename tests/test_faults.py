@@ -59,10 +59,10 @@ def _worker(faults, name: str, **env: str):
 
 
 def _project(ls, name: str, count: int) -> tuple[int, list[int]]:  # noqa: F811
-    images = [_image(ls, base, f"fault-{name}-{k}") for k, base in enumerate(["dog.jpg", "groceries.jpg"] * count)]
+    images = [_image(ls, ("dog.jpg", "groceries.jpg")[k % 2], f"fault-{name}-{k}") for k in range(count)]
     project = ls.create_project(f"faults {name}", CONFIG)
     ls.add_local_storage(project["id"])
-    return project["id"], ls.import_tasks(project["id"], _tasks(ls, images[:count]))
+    return project["id"], ls.import_tasks(project["id"], _tasks(ls, images))
 
 
 def _health(faults) -> tuple[int, dict]:
