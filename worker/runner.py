@@ -3,27 +3,27 @@
 RQ's default worker forks a child per job, which would reload the models every time and break
 CUDA; ``SimpleWorker`` runs jobs in this process, with RQ's job timeouts (SIGALRM) still applied.
 
-A heartbeat thread keeps the worker's registration alive and reaps the jobs of dead workers: a
-worker killed mid-job (SIGKILL, the OOM killer, a lost host) leaves its job "started" in RQ, which
-would notice only after the job's timeout plus a minute. Any live worker sees the dead one's
+A housekeeping thread runs RQ's scheduler (due retries), keeps the worker's registration alive and
+reaps the jobs of dead workers: a worker killed mid-job (SIGKILL, the OOM killer, a lost host) leaves
+its job "started" in RQ, which would notice only after the job's timeout plus a minute. Any live worker sees the dead one's
 registration expire within ``HEARTBEATS_TO_DEATH`` heartbeats and hands its jobs to RQ's own
 abandoned-job handling at once: retried while retries are left, else failed with the reason.
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
-import signal
 import socket
 import sys
 import threading
+import time
 
 import redis
 from rq import Queue, SimpleWorker
 from rq.executions import Execution
 from rq.registry import StartedJobRegistry
+from rq.scheduler import RQScheduler
 from rq.utils import parse_composite_key
 
 from backend import queue as q
@@ -31,6 +31,7 @@ from backend.config import ServeSettings
 
 log = logging.getLogger(__name__)
 REAPER_LOCK_SECONDS = 5
+SCHEDULER_TICK_SECONDS = 1.0  # how often due retries are enqueued
 DEAD_WORKER_REPORT_SECONDS = 15 * 60  # how long /health mentions a worker that died mid-job
 
 
@@ -57,25 +58,36 @@ def run_worker(serve: ServeSettings, method_settings, name: str | None = None, b
             "precision": str(pipeline.models.dtype).replace("torch.", ""), "queues": list(serve.queues),
             "sam_model": method_settings.sam_model, "clip_model": method_settings.clip_model}
     stop = threading.Event()
+    # RQ's retry back-off needs a scheduler to enqueue due retries. RQ forks one from the worker that
+    # holds a Redis lock and has others take over only at their 10-minute maintenance: a worker killed
+    # with its scheduler would stall every retry that long (and a forked child would outlive a SIGKILL
+    # with a copy of the models' memory). Every worker runs RQ's scheduler logic in its housekeeping
+    # thread instead: one holds the lock, and a dead worker's lock passes on when the reaper frees it.
+    scheduler = RQScheduler(list(q.QUEUES), connection=conn, name=name)
 
-    def heartbeat() -> None:
-        while not stop.wait(serve.worker_heartbeat):
+    def housekeeping() -> None:
+        next_beat = time.monotonic() + serve.worker_heartbeat
+        while not stop.wait(SCHEDULER_TICK_SECONDS):
             try:
-                q.register_worker(conn, name, info, serve.worker_heartbeat)
-                reap_dead_workers_jobs(conn)
+                scheduler.acquire_locks()  # acquire, or refresh the ones held
+                scheduler.enqueue_scheduled_jobs()
+                if time.monotonic() >= next_beat:
+                    next_beat = time.monotonic() + serve.worker_heartbeat
+                    q.register_worker(conn, name, info, serve.worker_heartbeat)
+                    reap_dead_workers_jobs(conn)
             except Exception as exc:  # noqa: BLE001 - Redis may come back; keep trying
-                log.warning("worker heartbeat failed: %s", exc)
+                log.warning("worker housekeeping failed: %s", exc)
 
     q.register_worker(conn, name, info, serve.worker_heartbeat)
     reap_dead_workers_jobs(conn)  # jobs left by a worker that died while none was alive to notice
-    threading.Thread(target=heartbeat, name="heartbeat", daemon=True).start()
+    threading.Thread(target=housekeeping, name="housekeeping", daemon=True).start()
     log.info("worker %s ready: model_version %s, queues %s", name, pipeline.model_version, ",".join(serve.queues))
-    _children_die_with_this_process()
     worker = SimpleWorker([Queue(n, connection=conn) for n in serve.queues], connection=conn, name=name)
     try:
-        worker.work(with_scheduler=True, burst=burst, logging_level="INFO")
+        worker.work(with_scheduler=False, burst=burst, logging_level="INFO")
     finally:
         stop.set()
+        scheduler.release_locks()
         q.unregister_worker(conn, name)
     return 0
 
@@ -100,23 +112,6 @@ def limit_memory(job_mib: int) -> None:
              limit // 2**20, held // 2**20)
 
 
-def _children_die_with_this_process() -> None:
-    """RQ forks its scheduler (retry back-off) from the worker. Killed with SIGKILL or by the OOM killer,
-    the worker would leave that child running, holding a copy of the models' memory: on Linux the
-    child asks for SIGTERM (RQ's graceful stop) when its parent dies."""
-    if not sys.platform.startswith("linux"):
-        return
-    parent = os.getpid()
-
-    def in_child() -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    os.register_at_fork(after_in_child=in_child)
-
-
 def reap_dead_workers_jobs(conn: redis.Redis) -> list[str]:
     """Hand the started jobs of workers whose registration expired to RQ's abandoned-job handling
     (retry, or fail when no retry is left). Returns the job ids handed over."""
@@ -139,6 +134,11 @@ def reap_dead_workers_jobs(conn: redis.Redis) -> list[str]:
         if expired:
             conn.zadd(registry.key, expired, xx=True)
             registry.cleanup()
+    for queue_name in q.QUEUES:  # a dead worker's scheduler lock: free it now rather than in a minute
+        key = RQScheduler.get_locking_key(queue_name)
+        holder = conn.get(key)
+        if holder and holder.decode() not in alive:
+            conn.delete(key)
     for worker_name, job_ids in dead_workers.items():
         log.warning("worker %s stopped heartbeating while running %s: retried (or failed when out of retries)",
                     worker_name, ", ".join(job_ids))
