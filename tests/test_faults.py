@@ -222,14 +222,14 @@ def test_label_studio_unreachable_for_30s_while_predictions_are_written(ls, faul
 # --- an image too big for a worker's memory budget -----------------------------------------------
 def test_image_too_big_for_the_memory_budget_fails_alone_then_rerun_with_more_memory(ls, faults, tmp_path):  # noqa: F811
     """HYBRIDGL_JOB_MEMORY=3000 MiB is enough for the half-size photos (measured: they fail at 1500) and
-    not for a 12-megapixel one (measured: it needs 3000-6000). The big task fails with the reason, the
-    worker goes on with the others; with more memory, a prelabel re-run predicts the big one too."""
+    not for a 17-megapixel one (a 12-megapixel one needs 3000-6000). The big task fails with the reason,
+    the worker goes on with the others; with more memory, a prelabel re-run predicts the big one too."""
     from PIL import Image
 
     from .services import DATA
 
     big = f"big-{os.getpid()}.jpg"
-    Image.open(DATA / "dog.jpg").convert("RGB").resize((4000, 3000)).save(ls.images_dir / big, quality=90)
+    Image.open(DATA / "dog.jpg").convert("RGB").resize((4800, 3600)).save(ls.images_dir / big, quality=90)
     small = [_image(ls, base, f"fault-memory-{k}") for k, base in enumerate(["dog.jpg", "groceries.jpg"])]
     project = ls.create_project("faults memory", CONFIG)["id"]
     ls.add_local_storage(project)
@@ -242,15 +242,15 @@ def test_image_too_big_for_the_memory_budget_fails_alone_then_rerun_with_more_me
         run.kill()
     [(reason, tasks)] = _summary(run)["failed_tasks"].items()
     assert tasks == [ids[0]]
-    assert reason.startswith("out of memory while processing its 4000x3000 image (HYBRIDGL_JOB_MEMORY=3000 MiB; "
+    assert reason.startswith("out of memory while processing its 4800x3600 image (HYBRIDGL_JOB_MEMORY=3000 MiB; "
                              "allocating "), reason
     assert "more failed): lower IMAGE_MAX_PIXELS" in reason
     assert _predicted(ls, project) == {ids[0]: 0, ids[1]: 1, ids[2]: 1}
     assert tight.process.poll() is None  # the worker survived and ran the other tasks
-    assert _health_mentions(faults, f"ran out of memory on task {ids[0]} (4000x3000 image")
+    assert _health_mentions(faults, f"ran out of memory on task {ids[0]} (4800x3600 image")
 
     tight.stop()
-    _worker(faults, "roomy", HYBRIDGL_JOB_MEMORY="6000")
+    _worker(faults, "roomy", HYBRIDGL_JOB_MEMORY="9000")
     code, out = _rerun(faults, project)
     assert code == 0, out
     _one_prediction_each(ls, faults, ids)

@@ -47,12 +47,12 @@ def run_worker(serve: ServeSettings, method_settings, name: str | None = None, b
     conn.ping()  # fail fast with a clear error when Redis is not there
     log.info("loading models (%s, %s)...", method_settings.sam_model, method_settings.clip_model)
     pipeline = HybridGL(method_settings)
-    # First calls of spaCy and of CLIP's text tower cost ~0.4 s more than later ones: paid here, not by
-    # the first annotator's prompt.
-    pipeline.encode_texts([pipeline.parse("the dog on the left").noun_phrase or "the dog"])
     jobs.set_runtime(jobs.Runtime.create(serve, pipeline))
     if serve.job_memory > 0:
         limit_memory(serve.job_memory)
+    # First calls of spaCy and of CLIP's text tower cost ~0.4 s more than later ones: paid here, not by
+    # the first annotator's prompt (after the memory cap, so that what they hold counts in it).
+    pipeline.encode_texts([pipeline.parse("the dog on the left").noun_phrase or "the dog"])
     name = name or f"hybridgl-{socket.gethostname()}-{os.getpid()}"
     info = {"name": name, "model_version": pipeline.model_version, "device": str(pipeline.models.device),
             "precision": str(pipeline.models.dtype).replace("torch.", ""), "queues": list(serve.queues),
