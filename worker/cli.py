@@ -9,27 +9,7 @@ import re
 import sys
 from pathlib import Path
 
-
-def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per setting (``--sam-model`` for HYBRIDGL_SAM_MODEL ...); unset flags keep env/defaults."""
-    from worker.hybridgl.settings import env_name, setting_fields
-
-    group = parser.add_argument_group("method settings (each also read from its environment variable)")
-    for f in setting_fields():
-        flag = "--" + f.name.replace("_", "-")
-        kind = type(f.default)
-        help_text = f"{f.metadata['help']} [{env_name(f.name)}, default {f.default!r}]"
-        if kind is bool:
-            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        else:
-            group.add_argument(flag, dest=f.name, type=kind, default=None, choices=f.metadata.get("choices"),
-                               help=help_text)
-
-
-def settings_from_args(args: argparse.Namespace):
-    from worker.hybridgl.settings import Settings, setting_fields
-
-    return Settings.from_env(**{f.name: getattr(args, f.name, None) for f in setting_fields()})
+from worker.hybridgl.settings import add_settings_arguments, settings_from_args
 
 
 def _slug(text: str, limit: int = 40) -> str:

@@ -12,6 +12,7 @@ Both ``index`` and ``query`` fields change results, so both feed the model versi
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import json
@@ -177,3 +178,22 @@ def setting_fields() -> tuple[dataclasses.Field, ...]:
 
 def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per setting (``--sam-model`` for HYBRIDGL_SAM_MODEL ...); unset flags keep env/defaults."""
+    group = parser.add_argument_group("method settings (each also read from its environment variable)")
+    for f in setting_fields():
+        flag = "--" + f.name.replace("_", "-")
+        kind = type(f.default)
+        help_text = f"{f.metadata['help']} [{env_name(f.name)}, default {f.default!r}]"
+        if kind is bool:
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            group.add_argument(flag, dest=f.name, type=kind, default=None, choices=f.metadata.get("choices"),
+                               help=help_text)
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Settings from parsed flags (``add_settings_arguments``), else HYBRIDGL_* variables, else defaults."""
+    return Settings.from_env(**{f.name: getattr(args, f.name, None) for f in setting_fields()})
