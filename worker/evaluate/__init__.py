@@ -49,7 +49,13 @@ import importlib
 from pathlib import Path
 from typing import Any
 
+from worker.hybridgl.errors import UserError
+
 DATASETS = ("refcoco", "refcoco+", "refcocog", "phrasecut")
+
+
+class EvaluateError(UserError, ValueError):
+    """The command's input (flags, annotation files, images, output folder) cannot be used as given."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -104,12 +110,12 @@ def run(args: argparse.Namespace) -> int:
     """``hybridgl evaluate``: a benchmark run (``--dataset``) or a Label Studio export report."""
     if getattr(args, "labelstudio_export", None):
         if getattr(args, "dataset", None):
-            raise ValueError("--labelstudio-export and --dataset are separate modes: give one of them")
+            raise EvaluateError("--labelstudio-export and --dataset are separate modes: give one of them")
         from worker.evaluate.labelstudio_report import run_labelstudio
 
         return run_labelstudio(args)
     if not getattr(args, "dataset", None):
-        raise ValueError("give --dataset (refcoco, refcoco+, refcocog, phrasecut) for a benchmark, "
+        raise EvaluateError("give --dataset (refcoco, refcoco+, refcocog, phrasecut) for a benchmark, "
                          "or --labelstudio-export EXPORT_JSON to measure pre-labeling on your own data")
     from worker.evaluate.benchmark import run_benchmark
 

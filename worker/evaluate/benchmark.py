@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from worker.evaluate import EvaluateError
 from worker.evaluate.files import write_atomic
 from worker.evaluate.metrics import summarize, summary_markdown
 from worker.evaluate.phrasecut import load_phrasecut
@@ -38,7 +39,7 @@ def read_results(path: Path) -> dict[str, dict]:
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError:
-                    raise ValueError(f"{path} line {number} is not JSON: remove it to recompute it") from None
+                    raise EvaluateError(f"{path} line {number} is not JSON: remove it to recompute it") from None
                 records[str(record["key"])] = record
     return records
 
@@ -68,12 +69,12 @@ def _benchmark_settings(args: argparse.Namespace, dataset: str):
 def run_benchmark(args: argparse.Namespace) -> int:
     dataset = args.dataset
     if getattr(args, "data_dir", None) is None:
-        raise ValueError("--data-dir is required with --dataset (the annotation folder)")
+        raise EvaluateError("--data-dir is required with --dataset (the annotation folder)")
     if getattr(args, "out", None) is None:
-        raise ValueError("--out is required with --dataset (results.jsonl, summary.json, summary.md go there)")
+        raise EvaluateError("--out is required with --dataset (results.jsonl, summary.json, summary.md go there)")
     limit = getattr(args, "limit", None)
     if limit is not None and limit < 0:
-        raise ValueError("--limit must be 0 or more")
+        raise EvaluateError("--limit must be 0 or more")
     if dataset == "phrasecut":
         split = args.split or "test"
         split_by = None
@@ -82,7 +83,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
         split = args.split or "val"
         split_by = args.split_by or DEFAULT_SPLIT_BY[dataset]
         if args.images is None:
-            raise ValueError("--images is required for REFER datasets (the COCO train2014 image folder)")
+            raise EvaluateError("--images is required for REFER datasets (the COCO train2014 image folder)")
         samples = load_refer(args.data_dir, dataset, split_by, split, args.images, args.sentence_field)
 
     identity = {"dataset": dataset, "split": split, "split_by": split_by,
@@ -97,7 +98,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
         if differ:
             there = ", ".join(f"{k}={previous.get(k)!r}" for k in differ)
             now = ", ".join(f"{k}={identity[k]!r}" for k in differ)
-            raise ValueError(f"{out} holds results of another run ({there} instead of {now}): use another --out")
+            raise EvaluateError(f"{out} holds results of another run ({there} instead of {now}): use another --out")
     settings = _benchmark_settings(args, dataset)
     if previous is not None and previous.get("settings"):
         # Settings that change answers must match (checked without loading a model); the weights
@@ -105,7 +106,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
         changed = {k: (previous["settings"].get(k), v) for k, v in settings.scoped("index", "query").items()
                    if previous["settings"].get(k) != v}
         if changed:
-            raise ValueError(f"{out} holds results computed with other settings "
+            raise EvaluateError(f"{out} holds results computed with other settings "
                              f"({', '.join(f'{k}={a!r} there, {b!r} now' for k, (a, b) in changed.items())}): "
                              "use another --out for another configuration")
     _repair_results(results_path)
@@ -119,7 +120,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
 
         pipeline = HybridGL(settings)
         if previous is not None and previous.get("model_version") != pipeline.model_version:
-            raise ValueError(f"{out} holds results of model_version {previous.get('model_version')}, these settings "
+            raise EvaluateError(f"{out} holds results of model_version {previous.get('model_version')}, these settings "
                              f"give {pipeline.model_version}: use another --out for another configuration")
         run_info = {**identity, "model_version": pipeline.model_version, "settings": dataclasses.asdict(settings),
                     "started": (previous or {}).get("started") or time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -165,7 +166,7 @@ def evaluate_samples(pipeline, samples: Sequence[Sample], results_path: Path, *,
             rgb = load_rgb(group[0].image_path)
             h, w = rgb.shape[:2]
             if group[0].size is not None and group[0].size != (h, w):
-                raise ValueError(f"image {group[0].image_path} is {w}x{h} but the annotations say "
+                raise EvaluateError(f"image {group[0].image_path} is {w}x{h} but the annotations say "
                                  f"{group[0].size[1]}x{group[0].size[0]}: wrong image folder or file?")
             index = _index(pipeline, rgb, index_cache)
             masks = index.masks.numpy()

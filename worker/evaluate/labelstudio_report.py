@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from worker.evaluate import EvaluateError
 from worker.evaluate.files import write_atomic
 
 LS_SUMMARY_JSON = "labelstudio_summary.json"
@@ -52,12 +53,12 @@ def labelstudio_mask(kind: str, value: dict, width: int, height: int) -> np.ndar
     w, h = int(width), int(height)
     if kind == "brush":
         if value.get("format", "rle") != "rle" or "rle" not in value:
-            raise ValueError(f"brush value in format {value.get('format')!r}: only 'rle' is supported")
+            raise EvaluateError(f"brush value in format {value.get('format')!r}: only 'rle' is supported")
         from label_studio_sdk.converter.brush import decode_rle
 
         flat = np.asarray(decode_rle(value["rle"]))
         if flat.size != w * h * 4:
-            raise ValueError(f"brush RLE holds {flat.size} values; a {w}x{h} RGBA image has {w * h * 4}")
+            raise EvaluateError(f"brush RLE holds {flat.size} values; a {w}x{h} RGBA image has {w * h * 4}")
         return flat.reshape(h, w, 4)[:, :, 3] > 0
     image = Image.new("L", (w, h), 0)
     draw = ImageDraw.Draw(image)
@@ -81,7 +82,7 @@ def labelstudio_mask(kind: str, value: dict, width: int, height: int) -> np.ndar
                    for cx, cy in ((0, 0), (rw, 0), (rw, rh), (0, rh))]
         draw.polygon(corners, outline=1, fill=1)
         return np.asarray(image) > 0
-    raise ValueError(f"unsupported region kind {kind!r}")
+    raise EvaluateError(f"unsupported region kind {kind!r}")
 
 
 def labelstudio_regions(result: list[dict], where: str = "") -> list[Region]:
@@ -104,7 +105,7 @@ def labelstudio_regions(result: list[dict], where: str = "") -> list[Region]:
         labels = labels or labels_by_id.get(rid, [])
         width, height = item.get("original_width"), item.get("original_height")
         if not width or not height:
-            raise ValueError(f"{where}: a {rtype} result without original_width/original_height")
+            raise EvaluateError(f"{where}: a {rtype} result without original_width/original_height")
         regions.append(Region(id=rid, from_name=str(item.get("from_name", "")), kind=kind,
                               label=", ".join(str(x) for x in labels) if labels else NO_LABEL,
                               mask=labelstudio_mask(kind, value, width, height)))
@@ -316,9 +317,9 @@ def run_labelstudio(args: argparse.Namespace) -> int:
         try:
             tasks = json.load(f)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{path} is not JSON ({exc}): export the project with Export > JSON") from None
+            raise EvaluateError(f"{path} is not JSON ({exc}): export the project with Export > JSON") from None
     if not isinstance(tasks, (list, dict)):
-        raise ValueError(f"{path} is not a Label Studio JSON export (a list of tasks)")  # noqa: TRY004 - a user error
+        raise EvaluateError(f"{path} is not a Label Studio JSON export (a list of tasks)")  # noqa: TRY004 - a user error
     report = labelstudio_report(tasks, accept_iou=getattr(args, "accept_iou", 0.99))
     markdown = labelstudio_markdown(report)
     out = getattr(args, "out", None)

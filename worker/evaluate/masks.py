@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from worker.evaluate import EvaluateError
+
 
 def coco_polygon_mask(polygon: Sequence[float], height: int, width: int) -> np.ndarray:
     """One COCO polygon ``[x1, y1, x2, y2, ...]`` as an (H, W) bool mask: pycocotools'
@@ -37,7 +39,7 @@ def _compressed_rle_total(s: str | bytes) -> int:
         more = True
         while more:
             if p >= len(data):
-                raise ValueError("truncated compressed RLE string")
+                raise EvaluateError("truncated compressed RLE string")
             c = data[p] - 48
             x |= (c & 0x1F) << (5 * k)
             more = bool(c & 0x20)
@@ -66,7 +68,7 @@ def coco_segmentation_mask(segmentation: Any, height: int, width: int, overlap: 
     if isinstance(segmentation, dict) and "counts" in segmentation:
         size = segmentation.get("size")
         if size is not None and (int(size[0]), int(size[1])) != (h, w):
-            raise ValueError(f"RLE segmentation is {size[0]}x{size[1]}, the image {h}x{w}")
+            raise EvaluateError(f"RLE segmentation is {size[0]}x{size[1]}, the image {h}x{w}")
         counts = segmentation["counts"]
         if isinstance(counts, (str, bytes)):
             total = _compressed_rle_total(counts)
@@ -76,9 +78,9 @@ def coco_segmentation_mask(segmentation: Any, height: int, width: int, overlap: 
             total = -1 if (values < 0).any() else int(values.sum())
             rle = coco_mask.frPyObjects({"size": [h, w], "counts": [int(v) for v in values]}, h, w)
         if total != h * w:
-            raise ValueError(f"RLE counts sum to {total}, not {h}x{w} = {h * w} pixels")
+            raise EvaluateError(f"RLE counts sum to {total}, not {h}x{w} = {h * w} pixels")
         return coco_mask.decode(rle).astype(bool)
-    raise ValueError(f"unsupported COCO segmentation {type(segmentation).__name__}: expected a list of "
+    raise EvaluateError(f"unsupported COCO segmentation {type(segmentation).__name__}: expected a list of "
                      "polygons or an RLE dict with 'counts'")
 
 

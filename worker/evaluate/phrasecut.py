@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from worker.evaluate import EvaluateError
 from worker.evaluate.samples import Sample
 
 
@@ -27,7 +28,7 @@ def load_phrasecut(data_dir: Path, split: str, images: Path | None = None) -> li
     for task in tasks:
         key = str(task["task_id"])
         if key in seen:
-            raise ValueError(f"task id {key} appears twice in {path}")
+            raise EvaluateError(f"task id {key} appears twice in {path}")
         seen.add(key)
         polygons = [polygon for instance in task["Polygons"] for polygon in instance]
         name = f"{task['image_id']}.jpg"

@@ -7,6 +7,7 @@ import pickle
 from pathlib import Path
 from typing import Any
 
+from worker.evaluate import EvaluateError
 from worker.evaluate.samples import Sample
 
 DEFAULT_SPLIT_BY = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd"}
@@ -46,10 +47,10 @@ def load_refs(path: Path) -> list[dict]:
         try:
             refs = _RefsUnpickler(f, encoding="bytes").load()
         except pickle.UnpicklingError as exc:
-            raise ValueError(f"{path}: {exc}") from None
+            raise EvaluateError(f"{path}: {exc}") from None
     refs = _py2_text(refs)
     if not isinstance(refs, list) or not all(isinstance(r, dict) for r in refs):
-        raise ValueError(f"{path} is not a REFER refs file (expected a list of dicts)")
+        raise EvaluateError(f"{path} is not a REFER refs file (expected a list of dicts)")
     return refs
 
 
@@ -80,7 +81,7 @@ def load_refer(data_dir: Path, dataset: str, split_by: str, split: str, images: 
     chosen = [r for r in refs if r.get("split") == split]
     if not chosen:
         splits = sorted({str(r.get("split")) for r in refs})
-        raise ValueError(f"no refs with split {split!r} in {folder / f'refs({split_by}).p'}; "
+        raise EvaluateError(f"no refs with split {split!r} in {folder / f'refs({split_by}).p'}; "
                          f"its splits: {', '.join(splits)}")
     other = "sent" if sentence_field == "raw" else "raw"
     by_image: dict[Any, list[Sample]] = {}
@@ -89,12 +90,12 @@ def load_refer(data_dir: Path, dataset: str, split_by: str, split: str, images: 
         ann = anns.get(ref["ann_id"])
         img = imgs.get(ref["image_id"])
         if ann is None or img is None:
-            raise ValueError(f"ref {ref.get('ref_id')}: annotation {ref.get('ann_id')} or image "
+            raise EvaluateError(f"ref {ref.get('ref_id')}: annotation {ref.get('ann_id')} or image "
                              f"{ref.get('image_id')} is missing from {folder / 'instances.json'}")
         for sent in ref.get("sentences", []):
             key = str(sent["sent_id"])
             if key in seen:
-                raise ValueError(f"sentence id {key} appears twice in split {split!r}")
+                raise EvaluateError(f"sentence id {key} appears twice in split {split!r}")
             seen.add(key)
             text = sent.get(sentence_field)
             if text is None:

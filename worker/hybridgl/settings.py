@@ -20,6 +20,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from .errors import SettingsError
+
 ENV_PREFIX = "HYBRIDGL_"
 
 SAM_MODELS = ("vit_h", "vit_l", "vit_b", "vit_t")
@@ -115,13 +117,13 @@ class Settings:
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)
             if choices and value not in choices:
-                raise ValueError(f"setting {f.name}={value!r} is not one of {', '.join(choices)}")
+                raise SettingsError(f"setting {f.name}={value!r} is not one of {', '.join(choices)}")
         if self.k1 < 1 or self.k2 < 1:
-            raise ValueError("settings k1 and k2 must be at least 1")
+            raise SettingsError("settings k1 and k2 must be at least 1")
         if self.blur_kernel < 1 or self.blur_kernel % 2 == 0:
-            raise ValueError(f"setting blur_kernel={self.blur_kernel} must be a positive odd number")
+            raise SettingsError(f"setting blur_kernel={self.blur_kernel} must be a positive odd number")
         if "{}" not in self.gem_prompt:
-            raise ValueError("setting gem_prompt must contain {} where the phrase goes")
+            raise SettingsError("setting gem_prompt must contain {} where the phrase goes")
 
     # --- construction ---------------------------------------------------------------------
     @classmethod
@@ -169,7 +171,7 @@ def parse_value(f: dataclasses.Field, raw: str) -> Any:
             raise ValueError
         return kind(raw)
     except ValueError:
-        raise ValueError(f"{env_name(f.name)}={raw!r} is not a valid {kind.__name__}") from None
+        raise SettingsError(f"{env_name(f.name)}={raw!r} is not a valid {kind.__name__}") from None
 
 
 def setting_fields() -> tuple[dataclasses.Field, ...]:
