@@ -69,17 +69,40 @@ def test_serialization_round_trip(pipeline, dog_index):
     data = dog_index.to_bytes()
     back = ImageIndex.from_bytes(data)
     assert back.key == dog_index.key and back.image_size == dog_index.image_size
-    assert torch.equal(back.masks, dog_index.masks)
+    assert torch.equal(back.masks, dog_index.masks)  # cropped to their boxes and back, pixel for pixel
     assert np.array_equal(back.boxes, dog_index.boxes)
     assert torch.equal(back.features, dog_index.features)  # features are kept at fp16 precision
     assert torch.equal(back.gem_features, dog_index.gem_features)
-    assert torch.equal(back.sam_embedding, dog_index.sam_embedding)
+    assert back.sam_embedding is None  # apart: only clicks need it
     for expression in EXPRESSIONS:
         assert pipeline.query(back, expression).explanation == pipeline.query(dog_index, expression).explanation
-    # Compact: masks bit-packed and compressed, features fp16.
-    raw_masks = dog_index.masks.numel()
-    assert len(data) < raw_masks / 8 + dog_index.features.numel() * 2 + dog_index.gem_features.numel() * 2 \
-        + dog_index.sam_embedding.numel() * 2 + 10_000
+    with_embedding = back.with_embedding(dog_index.embedding_to_bytes())
+    assert torch.equal(with_embedding.sam_embedding, dog_index.sam_embedding)
+    assert with_embedding.sam_input_size == dog_index.sam_input_size
+    # Compact: the masks' crops bit-packed and compressed take less than the whole frames bit-packed would.
+    features = dog_index.features.numel() * 2 + dog_index.gem_features.numel() * 2
+    assert len(data) < features + 10_000 + dog_index.masks.numel() / 8 / 4
+    assert len(dog_index.embedding_to_bytes()) < dog_index.sam_embedding.numel() * 2 + 1_000
+
+
+def test_masks_survive_any_shape(dog_index):
+    """Empty masks, masks touching the borders and single pixels come back exactly."""
+    h, w = dog_index.image_size
+    masks = torch.zeros((4, h, w), dtype=torch.bool)
+    masks[1, 0, w - 1] = True
+    masks[2, :, :3] = True
+    masks[3, h // 2:, w // 3: w // 2] = True
+    masks[3, h - 1, 0] = True
+    index = ImageIndex(key="k", image_size=(h, w), masks=masks, boxes=np.zeros((4, 4)),
+                       features=dog_index.features[:4], gem_features=dog_index.gem_features, feature_dtype="float16")
+    assert torch.equal(ImageIndex.from_bytes(index.to_bytes()).masks, masks)
+
+
+def test_an_embedding_is_refused_by_another_index(dog_index):
+    other = ImageIndex(key="another image", image_size=dog_index.image_size, masks=dog_index.masks[:1],
+                       boxes=dog_index.boxes[:1], features=dog_index.features[:1], gem_features=dog_index.gem_features)
+    with pytest.raises(ValueError, match="another index"):
+        other.with_embedding(dog_index.embedding_to_bytes())
 
 
 def test_corrupt_index_bytes_are_refused():

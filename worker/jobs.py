@@ -56,8 +56,12 @@ class Runtime:
 
         settings = settings or ServeSettings.from_env()
         conn = q.connect(settings.redis_url)
+        cache_conn = q.connect(settings.cache_url) if settings.cache_url else conn
         pipeline = pipeline or HybridGL()
-        return cls(settings, conn, pipeline, IndexCache(pipeline, conn, settings.memory_indexes, settings.index_ttl))
+        cache = IndexCache(pipeline, conn, cache_conn, memory_bytes=settings.memory_index_bytes,
+                           index_bytes=settings.index_cache_bytes, embedding_bytes=settings.embedding_cache_bytes,
+                           ttl=settings.index_ttl)
+        return cls(settings, conn, pipeline, cache)
 
     def labelstudio_access(self, payload: dict):
         """(client or None, why there is none): LABEL_STUDIO_URL / _API_KEY, each else what /setup sent
@@ -198,7 +202,8 @@ def predict(payload: dict) -> dict:
         except LabelConfigError as exc:
             raise _fail(str(exc)) from None
         rgb, client = _load_task_image(rt, payload)
-        index, source = _index(rt, rgb, task_id)
+        index, source = _index(rt, rgb, task_id, need_embedding=bool(payload.get("clicks")),
+                               keep_embedding=config.interactive)
         pipeline = rt.pipeline
         results, scores = [], []
         for item in payload.get("expressions", []):
@@ -245,19 +250,27 @@ def _count(rt: Runtime, task_id, name: str, amount: float = 1) -> None:
         log.warning("task %s: could not count %s for /metrics: %s", task_id, name, exc)
 
 
-def _index(rt: Runtime, rgb: np.ndarray, task_id):
-    """The image's index (cached or built). Running out of memory fails the job, without retry, with
-    the reason; the worker frees what the attempt held and goes on with the next job."""
-    try:
-        return rt.cache.get(rgb)
-    except Exception as exc:  # noqa: BLE001 - only memory errors are handled here
-        if not _is_out_of_memory(exc):
-            raise
-        asked = re.search(r"allocate (\d+) bytes|allocate ([\d.]+ [KMGT]i?B)", str(exc))
-        detail = ("allocating " + (f"{int(asked[1]) / 2**20:.0f} MiB" if asked[1] else asked[2]) + " more failed"
-                  if asked else type(exc).__name__)
-    # Outside the handler, so that the traceback (and the tensors its frames hold) is gone first.
-    _free_memory(rt)
+def _index(rt: Runtime, rgb: np.ndarray, task_id, need_embedding: bool = False, keep_embedding: bool = False):
+    """The image's index (cached or built). Running out of memory empties the worker's index cache and
+    tries once more; a second time fails the job, without retry, with the reason. The worker frees what
+    the attempts held and goes on with the next job."""
+    for attempt in (1, 2):
+        try:
+            return rt.cache.get(rgb, need_embedding=need_embedding, keep_embedding=keep_embedding)
+        except Exception as exc:  # noqa: BLE001 - only memory errors are handled here
+            if not _is_out_of_memory(exc):
+                raise
+            asked = re.search(r"allocate (\d+) bytes|allocate ([\d.]+ [KMGT]i?B)", str(exc))
+            detail = ("allocating " + (f"{int(asked[1]) / 2**20:.0f} MiB" if asked[1] else asked[2])
+                      + " more failed" if asked else type(exc).__name__)
+        # Outside the handler, so that the traceback (and the tensors its frames hold) is gone first.
+        if attempt == 1:
+            held = rt.cache.memory.bytes
+            rt.cache.memory.clear()
+            log.warning("task %s: out of memory (%s) with %d MiB of indexes cached in memory: emptied that cache, "
+                        "trying again", task_id, detail, held // 2**20)
+            _count(rt, task_id, "index_oom_retries")
+        _free_memory(rt)
     h, w = rgb.shape[:2]
     budget = f"HYBRIDGL_JOB_MEMORY={rt.settings.job_memory} MiB" if rt.settings.job_memory else "the host's memory"
     job = get_current_job()
@@ -265,9 +278,9 @@ def _index(rt: Runtime, rgb: np.ndarray, task_id):
     q.report_problem(rt.conn, f"memory:{worker}", (
         f"{worker} ran out of memory on task {task_id} ({w}x{h} image, {budget}): lower IMAGE_MAX_PIXELS to refuse "
         "such images up front, or give workers more memory"), MEMORY_PROBLEM_SECONDS)
-    raise _fail(f"task {task_id}: out of memory while processing its {w}x{h} image ({budget}; {detail}): lower "
-                "IMAGE_MAX_PIXELS so that such images are refused up front, or give the workers more memory "
-                "(HYBRIDGL_JOB_MEMORY) and run the task again")
+    raise _fail(f"task {task_id}: out of memory while processing its {w}x{h} image ({budget}; {detail}; also with "
+                "the worker's index cache emptied): lower IMAGE_MAX_PIXELS so that such images are refused up "
+                "front, or give the workers more memory (HYBRIDGL_JOB_MEMORY) and run the task again")
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
@@ -345,13 +358,18 @@ def write_prediction(client, task_id: int, pred: dict) -> None:
 
 
 def warm(payload: dict) -> dict:
-    """Build (or find) an image's index ahead of the first prompt."""
+    """Build (or find) an image's index ahead of the first prompt, unless the shared cache is full of
+    entries used within HYBRIDGL_WARMUP_PROTECT_SECONDS (then skipped and counted: a guess must not
+    evict what people use)."""
     rt = runtime()
+    if rt.cache.full_of_recent(rt.settings.warmup_protect_seconds):
+        _count(rt, payload.get("task_id"), "warmups_skipped")
+        return {"task_id": payload.get("task_id"), "index": "skipped", "masks": None}
     try:
         rgb, client = _load_task_image(rt, payload)
     except LabelStudioError as exc:
         _report_unreachable(rt, exc)
         raise
     _close(client)
-    index, source = _index(rt, rgb, payload.get("task_id"))
+    index, source = _index(rt, rgb, payload.get("task_id"), keep_embedding=bool(payload.get("interactive")))
     return {"task_id": payload.get("task_id"), "index": source, "masks": len(index)}
