@@ -282,7 +282,8 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
             figures = cache_store.read_stats(cache_conn)[cache_store.INDEX]
         except redis.RedisError:
             figures = cache_store.StoreStats()
-        capacity = settings.index_cache_bytes // int(figures.mean_entry_bytes or ASSUMED_ENTRY_BYTES)
+        capacity = ((settings.index_cache_bytes - cache_store.STRUCTURE_BYTES)
+                    // int(figures.mean_entry_bytes or ASSUMED_ENTRY_BYTES))
         return max(0, min(settings.warmup_per_import, capacity - jobs.depths()[q.WARMUP]))
 
     @app.post("/webhook", response_model=WebhookResponse)

@@ -4,7 +4,8 @@ Light (redis only): workers store and read entries; the web process reads the st
 /health and /metrics and the room left for warm-ups.
 
 Layout of a store named ``N`` (``index``, ``embedding``):
-- ``hybridgl:cache:N:v:<member>``: the value, with a TTL that each use restarts (idle expiry);
+- ``hybridgl:cache:N:v:<member>``: the value, with a TTL that each use restarts (idle expiry); only
+  values carry a TTL, so a Redis run with ``volatile-lru`` evicts values, never the bookkeeping;
 - ``hybridgl:cache:N:lru``: sorted set, member -> last use (ms, Redis' clock);
 - ``hybridgl:cache:N:sizes``: hash, member -> bytes accounted (``MEMORY USAGE`` of the value, so
   allocator rounding included, plus the bookkeeping's own share);
@@ -12,11 +13,16 @@ Layout of a store named ``N`` (``index``, ``embedding``):
   ``N:hits``, ``N:misses``, ``N:evictions``, ``N:refused``: one HGETALL for /health.
 
 Every write is one Lua script: it stores the value and evicts least recently used entries until the
-store's total is within its budget, atomically, so concurrent workers never push it over. On the
-queue's Redis (``noeviction``) this accounting is the only bound. On a Redis of its own run with
-``maxmemory`` and ``allkeys-lru``, Redis' LRU and ours agree: both evict the least recently used value
-(each read touches the value key and its LRU score), and a value Redis evicted or expired first is
-dropped from the accounting when next met (a miss, or the write's eviction pass).
+store's total is within its budget, atomically, so concurrent workers never push it over. The total
+is what Redis reports per key (``MEMORY USAGE``); Redis' ``used_memory`` adds its own overheads
+(client buffers, the Lua VM, allocator slack: bench/bench_cache_scale.py measures them).
+On the queue's Redis (``noeviction``) this accounting is the only bound. On a Redis of its own run
+with ``maxmemory`` and ``volatile-lru`` (an LRU over the keys with a TTL: the values), Redis' LRU and
+ours agree: both evict the least recently used value (each read touches the value key and its LRU
+score), and a value Redis evicted or expired first is dropped from the accounting when next met (a
+miss, or a write's pass over idle entries). ``allkeys-lru`` would work too, but could evict the
+bookkeeping itself (Redis' LRU clock ticks once a second, so keys touched within the same second
+look alike), after which the figures restart from zero while maxmemory alone bounds the values.
 """
 
 from __future__ import annotations
@@ -29,16 +35,20 @@ PREFIX = "hybridgl:cache"
 STATS_KEY = f"{PREFIX}:stats"
 INDEX, EMBEDDING = "index", "embedding"
 STORES = (INDEX, EMBEDDING)
-BOOKKEEPING_BYTES = 160  # per entry: its sorted-set and hash members (measured with MEMORY USAGE, rounded up)
+# Bookkeeping as MEMORY USAGE measures it (Redis 7.0, 81-character members): per entry, its sorted-set and
+# hash members take twice the member's length plus under 200 bytes; the three structures themselves, under 2 kB.
+BOOKKEEPING_BYTES = 200
+STRUCTURE_BYTES = 2048
 
-# KEYS: value, lru, sizes, stats. ARGV: member, value, name, budget, ttl ms (0 = none), value-key prefix,
-# per-entry bookkeeping bytes. Returns {stored (0/1), entries evicted, bytes accounted}.
+# KEYS: value, lru, sizes, stats. ARGV: member, value, name, room for entries (the budget less the
+# structures), ttl ms, value-key prefix, per-entry bookkeeping bytes, the budget (for the statistics).
+# Returns {stored (0/1), entries evicted, bytes accounted}.
 _PUT = """
 local vkey, lru, sizes, stats = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local member, name, budget, ttl, vprefix = ARGV[1], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('HSET', stats, name .. ':budget', budget)
+redis.call('HSET', stats, name .. ':budget', ARGV[8])
 local function forget(m)
   local s = tonumber(redis.call('HGET', sizes, m) or '0')
   redis.call('ZREM', lru, m)
@@ -48,10 +58,9 @@ local function forget(m)
   redis.call('HINCRBY', stats, name .. ':entries', -1)
 end
 if redis.call('HEXISTS', sizes, member) == 1 then forget(member) end
-if ttl > 0 then  -- entries idle longer than the TTL: their values have expired
-  for _, m in ipairs(redis.call('ZRANGEBYSCORE', lru, '-inf', now - ttl, 'LIMIT', 0, 1000)) do forget(m) end
-end
-redis.call('SET', vkey, ARGV[2])
+-- entries idle longer than the TTL: their values have expired
+for _, m in ipairs(redis.call('ZRANGEBYSCORE', lru, '-inf', now - ttl, 'LIMIT', 0, 1000)) do forget(m) end
+redis.call('SET', vkey, ARGV[2], 'PX', ttl)
 local size = redis.call('MEMORY', 'USAGE', vkey) + tonumber(ARGV[7]) + 2 * #member
 if size > budget then
   redis.call('DEL', vkey)
@@ -68,7 +77,6 @@ while total + size > budget do
   total = total - s
   evicted = evicted + 1
 end
-if ttl > 0 then redis.call('PEXPIRE', vkey, ttl) end
 redis.call('ZADD', lru, now, member)
 redis.call('HSET', sizes, member, size)
 redis.call('HINCRBY', stats, name .. ':bytes', size)
@@ -95,7 +103,7 @@ if not value then
 end
 local t = redis.call('TIME')
 redis.call('ZADD', lru, 'XX', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), member)
-if ttl > 0 then redis.call('PEXPIRE', vkey, ttl) end
+redis.call('PEXPIRE', vkey, ttl)
 redis.call('HINCRBY', stats, name .. ':hits', 1)
 return value
 """
@@ -149,9 +157,12 @@ def parse_stats(fields: dict) -> dict[str, StoreStats]:
 class RedisLRU:
     """One named store: values under a byte budget, least recently used evicted first."""
 
-    def __init__(self, conn: redis.Redis, name: str, budget: int, ttl: int = 0):
+    def __init__(self, conn: redis.Redis, name: str, budget: int, ttl: int = 7 * 24 * 3600):
         if name not in STORES:
             raise ValueError(f"unknown cache store {name!r}; one of {', '.join(STORES)}")
+        if ttl <= 0:
+            raise ValueError(f"HYBRIDGL_INDEX_TTL={ttl}: give a positive number of seconds (cache values always "
+                             "expire, so that a Redis with volatile-lru can evict them)")
         self.conn = conn
         self.name = name
         self.budget = int(budget)
@@ -173,7 +184,8 @@ class RedisLRU:
         """Store a value, evicting least recently used entries to stay within the budget. False when the
         value alone is larger than the budget (not stored, counted as refused)."""
         stored, _evicted, _size = self._put(keys=self._keys(member), args=[
-            member, value, self.name, self.budget, self.ttl_ms, self.value_prefix, BOOKKEEPING_BYTES])
+            member, value, self.name, self.budget - STRUCTURE_BYTES, self.ttl_ms, self.value_prefix,
+            BOOKKEEPING_BYTES, self.budget])
         return bool(stored)
 
     def stats(self) -> StoreStats:
@@ -187,6 +199,6 @@ class RedisLRU:
             pipe.time()
             (used, entries), oldest, (seconds, micros) = pipe.execute()
         used, entries = int(used or 0), int(entries or 0)
-        if entries <= 0 or not oldest or used + used / entries <= self.budget:
+        if entries <= 0 or not oldest or used + used / entries <= self.budget - STRUCTURE_BYTES:
             return False
         return seconds * 1000 + micros // 1000 - oldest[0][1] < recent_seconds * 1000

@@ -33,7 +33,7 @@ class ServeSettings:
     job_timeout: int = _env("HYBRIDGL_JOB_TIMEOUT", 600, "Seconds after which a worker abandons a job.")
     job_retries: int = _env("HYBRIDGL_JOB_RETRIES", 3, "Retries of a job that failed for a transient reason (network, Label Studio down) or whose worker died, after 2, 10, 30, then 60 s.")
     result_ttl: int = _env("HYBRIDGL_RESULT_TTL", 3600, "Seconds finished and failed jobs stay visible at /jobs/{id}.")
-    cache_url: str = _env("HYBRIDGL_CACHE_URL", "", "Redis of the shared image-index cache (empty = REDIS_URL's). A Redis of its own should run with maxmemory above the cache budgets and maxmemory-policy allkeys-lru; the queue's Redis keeps noeviction (our budgets bound the cache there).")
+    cache_url: str = _env("HYBRIDGL_CACHE_URL", "", "Redis of the shared image-index cache (empty = REDIS_URL's). A Redis of its own should run with maxmemory above the cache budgets and maxmemory-policy volatile-lru (evicts the cache's values, never its bookkeeping); the queue's Redis keeps noeviction (our budgets bound the cache there).")
     index_cache_bytes: int = _env("HYBRIDGL_INDEX_CACHE_BYTES", 2**30, "Byte budget of the shared image-index cache in Redis (masks, features: what a new expression needs); least recently used entries are evicted beyond it. Size: images to keep x bytes per entry (README, Performance).")
     embedding_cache_bytes: int = _env("HYBRIDGL_EMBEDDING_CACHE_BYTES", 256 * 2**20, "Byte budget of the shared cache of SAM image embeddings (about 2 MB each, fp16), kept for interactive configs only: clicks need them.")
     index_ttl: int = _env("HYBRIDGL_INDEX_TTL", 7 * 24 * 3600, "Seconds an unused entry stays in the shared cache (each use starts the count again).")
