@@ -375,3 +375,23 @@ def test_dockerfile_installs_the_project():
 def test_dockerfile_runs_as_a_non_root_user():
     users = _instructions("USER")
     assert users and users[-1].split(":")[0] not in ("root", "0")
+
+
+def test_the_cache_has_a_bounded_redis_of_its_own(services):
+    """The queue's Redis never evicts and holds no cache; the cache's evicts its least recently used
+    values within a maxmemory above the budgets the workers keep it under."""
+    queue_command = services["redis"]["command"]
+    assert "--maxmemory-policy" not in queue_command and "--maxmemory" not in queue_command
+    cache = services["cache-redis"]
+    command = cache["command"]
+    assert command[command.index("--maxmemory-policy") + 1] == "volatile-lru"
+    maxmemory = command[command.index("--maxmemory") + 1]
+    values = dict(re.findall(r"^([A-Z][A-Z0-9_]*)=(.*)$", ENV_EXAMPLE.read_text(), re.MULTILINE))
+    limit = _DEFAULTED.match(_VAR.findall(maxmemory)[0]).group(2) if _VAR.findall(maxmemory) else maxmemory
+    assert values["CACHE_REDIS_MAXMEMORY"] == limit
+    mib = int(limit.lower().removesuffix("mb"))
+    budgets = ServeSettings().index_cache_bytes + ServeSettings().embedding_cache_bytes
+    assert mib * 2**20 > 1.15 * budgets, "leave Redis room above the budgets for its own overheads"
+    for name in ("backend", *WORKERS):
+        url = urlparse(_env(services[name])["HYBRIDGL_CACHE_URL"])
+        assert url.hostname == "cache-redis" and "cache-redis" in services[name]["depends_on"]
