@@ -20,7 +20,7 @@ def _env(name: str, default: Any, help: str):
 
 @dataclass(frozen=True)
 class ServeSettings:
-    redis_url: str = _env("REDIS_URL", "redis://127.0.0.1:6379/0", "Redis that holds the queues, results and the shared image-index cache.")
+    redis_url: str = _env("REDIS_URL", "redis://127.0.0.1:6379/0", "Redis that holds the queues and results (and the shared image-index cache unless HYBRIDGL_CACHE_URL names another).")
     label_studio_url: str = _env("LABEL_STUDIO_URL", "", "Label Studio's address, for images and for writing predictions (else the hostname Label Studio sends in /setup).")
     label_studio_api_key: str = _env("LABEL_STUDIO_API_KEY", "", "Legacy token or personal access token of a Label Studio user (else the token Label Studio sends in /setup).")
     basic_auth_user: str = _env("BASIC_AUTH_USER", "", "With BASIC_AUTH_PASS: require HTTP Basic auth on every endpoint.")
