@@ -31,6 +31,7 @@ import argparse
 import io
 import json
 import random
+import signal
 import subprocess
 import sys
 import tempfile
@@ -278,6 +279,7 @@ def main() -> int:
     ap.add_argument("--rate", type=float, default=20.0, help="jobs enqueued per second meanwhile")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stopped: still stop the bench's own Redis
     if not args.skip_sizes:
         sizes = [tuple(map(int, s.lower().split("x"))) for s in args.sizes.split(",")]
         size_table(sizes, args.clips.split(","), args.threads)
