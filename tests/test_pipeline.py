@@ -57,6 +57,28 @@ def test_proposals_are_sams_automatic_masks(pipeline, monkeypatch, masks_per_ups
     assert np.array_equal(ours.boxes, np.array([r["bbox"] for r in reference], dtype=np.float64))
 
 
+def test_proposals_match_sams_generator_with_vit_b(monkeypatch):
+    """The same with segment-anything's own ViT-B SAM classes (random weights, seeded: shape coverage for
+    the decoder rewrite, not accuracy). Random weights predict IoUs near 0 and logits within +-0.5, so the
+    preset's thresholds are scaled to them: about half the masks pass the IoU filter and the stability
+    score decides on the rest, which exercises every filter of the generator."""
+    from segment_anything import SamAutomaticMaskGenerator, sam_model_registry
+
+    from worker.hybridgl.proposals import PRESETS, MaskProposer
+
+    torch.manual_seed(0)
+    sam = sam_model_registry["vit_b"](checkpoint=None).eval()
+    preset = dict(points_per_side=8, pred_iou_thresh=0.02, stability_score_thresh=0.5, stability_score_offset=0.05,
+                  crop_n_layers=0, crop_n_points_downscale_factor=1, min_mask_region_area=100)
+    monkeypatch.setitem(PRESETS, "random-weights", preset)
+    rgb = np.asarray(Image.open(DATA / "groceries.jpg").convert("RGB"))
+    reference = SamAutomaticMaskGenerator(sam, **preset).generate(rgb)
+    ours = MaskProposer(sam, "random-weights")(rgb)
+    assert len(reference) > 5
+    assert np.array_equal(ours.masks.numpy(), np.stack([r["segmentation"] for r in reference]))
+    assert np.array_equal(ours.boxes, np.array([r["bbox"] for r in reference], dtype=np.float64))
+
+
 def test_index_then_query_equals_one_shot(pipeline, dog_index):
     for expression in EXPRESSIONS[:2]:
         one_shot = pipeline.segment(DATA / "dog.jpg", expression)
