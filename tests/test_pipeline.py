@@ -57,26 +57,55 @@ def test_proposals_are_sams_automatic_masks(pipeline, monkeypatch, masks_per_ups
     assert np.array_equal(ours.boxes, np.array([r["bbox"] for r in reference], dtype=np.float64))
 
 
-def test_proposals_match_sams_generator_with_vit_b(monkeypatch):
-    """The same with segment-anything's own ViT-B SAM classes (random weights, seeded: shape coverage for
-    the decoder rewrite, not accuracy). Random weights predict IoUs near 0 and logits within +-0.5, so the
-    preset's thresholds are scaled to them: about half the masks pass the IoU filter and the stability
-    score decides on the rest, which exercises every filter of the generator."""
-    from segment_anything import SamAutomaticMaskGenerator, sam_model_registry
+@pytest.fixture(scope="module")
+def sam_decoder():
+    """segment-anything's own prompt encoder and mask decoder, as its ``_build_sam`` builds them for every
+    variant (ViT-H, -L and -B share them), with seeded random weights; the image encoder is not needed."""
+    from types import SimpleNamespace
 
-    from worker.hybridgl.proposals import PRESETS, MaskProposer
+    from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
 
     torch.manual_seed(0)
-    sam = sam_model_registry["vit_b"](checkpoint=None).eval()
-    preset = dict(points_per_side=8, pred_iou_thresh=0.02, stability_score_thresh=0.5, stability_score_offset=0.05,
-                  crop_n_layers=0, crop_n_points_downscale_factor=1, min_mask_region_area=100)
-    monkeypatch.setitem(PRESETS, "random-weights", preset)
-    rgb = np.asarray(Image.open(DATA / "groceries.jpg").convert("RGB"))
-    reference = SamAutomaticMaskGenerator(sam, **preset).generate(rgb)
-    ours = MaskProposer(sam, "random-weights")(rgb)
-    assert len(reference) > 5
-    assert np.array_equal(ours.masks.numpy(), np.stack([r["segmentation"] for r in reference]))
-    assert np.array_equal(ours.boxes, np.array([r["bbox"] for r in reference], dtype=np.float64))
+    decoder = MaskDecoder(num_multimask_outputs=3, transformer=TwoWayTransformer(
+        depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8), transformer_dim=256, iou_head_depth=3,
+        iou_head_hidden_dim=256).eval()
+    with torch.no_grad():  # random IoUs straddle 0; lifted so that a positive threshold (a filter) splits them
+        decoder.iou_prediction_head.layers[-1].bias += 0.5
+    return SimpleNamespace(
+        prompt_encoder=PromptEncoder(embed_dim=256, image_embedding_size=(64, 64), input_image_size=(1024, 1024),
+                                     mask_in_chans=16).eval(),
+        mask_decoder=decoder)
+
+
+@pytest.mark.parametrize("keeps", ["half", "all", "none"])
+def test_decoder_is_sams_bit_for_bit(sam_decoder, keeps):
+    """Our decoder over a batch of point prompts gives segment-anything's MaskDecoder logits and IoUs bit for
+    bit, with segment-anything's own classes (the MobileSAM test above uses mobile_sam's copies). Random
+    weights (a random image embedding too) predict IoUs near 0 and nearly whole-image masks, so the generator
+    would keep a single mask: the decoder is compared directly instead, with an IoU threshold that keeps
+    about half the masks (the median), all of them (0: no IoU filter, as in SAM's
+    generator), or none (the highest IoU)."""
+    from worker.hybridgl.proposals import decode_point_prompts
+
+    sam = sam_decoder
+    generator = torch.Generator().manual_seed(1)
+    features = torch.randn(1, 256, 64, 64, generator=generator)
+    points = torch.rand(16, 2, generator=generator) * 1024
+    labels = torch.ones(16, dtype=torch.int)
+    with torch.inference_mode():
+        sparse, dense = sam.prompt_encoder(points=(points[:, None], labels[:, None]), boxes=None, masks=None)
+        low_res, iou_preds = sam.mask_decoder(image_embeddings=features, image_pe=sam.prompt_encoder.get_dense_pe(),
+                                              sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                              multimask_output=True)
+        threshold = {"half": float(iou_preds.median()), "all": 0.0, "none": float(iou_preds.max())}[keeps]
+        ours, our_iou, kept = decode_point_prompts(sam, features, points, labels, threshold)
+    expected = iou_preds > threshold if threshold > 0 else torch.ones_like(kept)
+    if keeps == "half":
+        assert 0 < int(expected.sum()) < expected.numel()
+    assert torch.equal(our_iou, iou_preds)
+    assert torch.equal(kept, expected)
+    assert torch.equal(ours, low_res[expected])
+    assert ours.shape[-2:] == (256, 256)
 
 
 def test_index_then_query_equals_one_shot(pipeline, dog_index):

@@ -2,11 +2,14 @@
 
 This is segment-anything's ``SamAutomaticMaskGenerator`` algorithm, step for step and built from
 its own utility functions, so the masks, their order and their boxes are the generator's (a test
-compares both on real photos). Three things differ, none changing a result:
+compares both on real photos; another compares the decoder's logits bit for bit). What differs
+changes no result:
 
-- masks below ``pred_iou_thresh`` are dropped *before* their logits are upsampled to the image
-  size (the IoU prediction does not depend on the upsampled mask), which saves most of SAM's
-  post-processing time;
+- the mask decoder (``decode_point_prompts``) keeps the image embedding one image wide instead of
+  copying it per point prompt, so the first two-way block's image side runs once per batch;
+- masks below ``pred_iou_thresh`` are dropped *before* the decoder upscales their image tokens
+  and before their logits are upsampled to the image size (the IoU prediction depends on
+  neither), which saves most of SAM's post-processing time;
 - masks stay boolean tensors throughout instead of going through RLE and back;
 - survivors are upsampled a few at a time (``UPSAMPLE_BYTES``), so memory grows with the image's
   pixels times the masks kept, not times every mask SAM decoded.
@@ -223,5 +226,5 @@ def decode_point_prompts(sam, features: torch.Tensor, points: torch.Tensor, labe
     c, (h, w) = src.shape[1], src.shape[-2:]
     upscaled = decoder.output_upscaling(keys[prompts].transpose(1, 2).view(len(prompts), c, h, w))
     b, c, h, w = upscaled.shape
-    masks = (hyper_in @ upscaled.view(b, c, h * w)).view(b, -1, h, w)[:, 1:]
+    masks = (hyper_in @ upscaled.view(b, c, h * w)).view(b, decoder.num_mask_tokens, h, w)[:, 1:]
     return masks[kept[prompts]], iou_preds, kept
