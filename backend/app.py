@@ -6,10 +6,7 @@ It never loads a model (no torch import): requests become RQ jobs that workers r
 
 from __future__ import annotations
 
-import base64
-import binascii
 import logging
-import secrets
 import time
 from typing import Any
 
@@ -18,12 +15,12 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from rq.exceptions import NoSuchJobError
-from rq.job import Job
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from backend import cache_store, delivery, interaction
 from backend import jobspec as js
 from backend import queue as q
+from backend.access import AccessGuard
 from backend.config import ServeSettings
 from backend.labeling import LabelConfigError, LabelingConfig, parse_label_config
 from backend.labelstudio import prediction_versions
@@ -59,9 +56,9 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
     settings = settings or ServeSettings.from_env()
     conn = q.connect(settings.redis_url)
     # /health must stay fast even when Redis hangs: its own connection with short timeouts.
-    health_conn = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=0.3, socket_timeout=0.3)
+    health_conn = q.connect(settings.redis_url, socket_connect_timeout=0.3, socket_timeout=0.3, health_check_interval=0)
     cache_conn = q.connect(settings.cache_url) if settings.cache_url else conn
-    cache_health_conn = (redis.Redis.from_url(settings.cache_url, socket_connect_timeout=0.3, socket_timeout=0.3)
+    cache_health_conn = (q.connect(settings.cache_url, socket_connect_timeout=0.3, socket_timeout=0.3, health_check_interval=0)
                          if settings.cache_url else health_conn)
     jobs = q.JobQueue(conn, settings.job_timeout, settings.result_ttl, settings.job_retries)
     ledger = delivery.Ledger(conn, settings.result_ttl)
@@ -119,28 +116,8 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
         return JSONResponse({"error": f"internal error ({type(exc).__name__}); the backend's log has the details"},
                             status_code=500)
 
-    # --- auth: with BASIC_AUTH_USER set, every path (/docs and /openapi.json too) needs it ----------
-    def authorized(request: Request) -> bool:
-        expected = settings.basic_auth
-        if expected is None:
-            return True
-        header = request.headers.get("authorization", "")
-        user = password = ""
-        if header.lower().startswith("basic "):
-            try:
-                user, _, password = base64.b64decode(header[6:].strip()).decode().partition(":")
-            except (binascii.Error, UnicodeDecodeError, ValueError):
-                pass
-        return (secrets.compare_digest(user.encode(), expected[0].encode())
-                and secrets.compare_digest(password.encode(), expected[1].encode()))
-
-    @app.middleware("http")
-    async def require_auth(request: Request, call_next):
-        if not authorized(request):
-            return JSONResponse({"error": "authentication required: use the Basic auth user and password "
-                                          "configured on the backend (BASIC_AUTH_USER / BASIC_AUTH_PASS)"},
-                                status_code=401, headers={"WWW-Authenticate": 'Basic realm="hybridgl"'})
-        return await call_next(request)
+    # --- auth and body size: with BASIC_AUTH_USER set, every path (/docs and /openapi.json too) needs it
+    app.add_middleware(AccessGuard, settings=settings)
 
     def model_version() -> str:
         return q.current_model_version(conn) or PROVISIONAL_VERSION
@@ -175,15 +152,24 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
         return HealthResponse(status="DEGRADED" if problems else "UP", model_version=version, redis="ok",
                               workers=workers, queues=state.depths, problems=problems, cache=cache)
 
-    @app.post("/setup", response_model=SetupResponse)
-    async def setup(body: SetupRequest):
+    @app.post("/setup", response_model=SetupResponse, responses={409: {"model": ErrorResponse}})
+    def setup(body: SetupRequest):
+        """A plain function: FastAPI runs it in its thread pool, off the event loop (it parses XML, reads Redis)."""
         if body.schema_:
             parse_label_config(body.schema_)  # a config we cannot serve fails here, visibly
-        if body.project and body.hostname and not (settings.label_studio_url and settings.label_studio_api_key):
-            # The workers need Label Studio's address (and a token) to fetch images and write results. The
-            # token is kept only encrypted (HYBRIDGL_SECRET_KEY), and only when the workers have none of their own.
-            q.save_setup(conn, body.project, body.hostname,
-                         None if settings.label_studio_api_key else body.access_token, settings.secret_key)
+        # What the workers lack of LABEL_STUDIO_URL / _API_KEY, only from a /setup that passed the Basic auth
+        # (an open /setup would let anyone name the host tokens go to). The token is kept only encrypted
+        # (HYBRIDGL_SECRET_KEY); the address is pinned per project by the first /setup.
+        if body.project and settings.basic_auth is not None and not (settings.label_studio_url
+                                                                      and settings.label_studio_api_key):
+            hostname = None if settings.label_studio_url else body.hostname
+            token = None if settings.label_studio_api_key else body.access_token
+            if hostname or token:
+                try:
+                    q.save_setup(conn, body.project, hostname, token, settings.secret_key)
+                except q.SetupPinned as exc:
+                    log.warning("/setup refused: %s", exc)
+                    raise ApiError(409, str(exc)) from None
         return SetupResponse(model_version=model_version())
 
     @app.post("/predict", response_model=PredictResponse)
@@ -316,7 +302,7 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
     def job_status(job_id: str):
         shown = job_id if len(job_id) <= 100 else job_id[:97] + "..."
         try:
-            job = Job.fetch(job_id, connection=conn)
+            job = q.fetch_job(job_id, conn)
         except NoSuchJobError:
             raise ApiError(404, f"no job {shown}: it never existed or its record expired "
                                 "(HYBRIDGL_RESULT_TTL)") from None
@@ -369,9 +355,9 @@ def render_metrics(conn: redis.Redis, jobs: q.JobQueue, cache_conn: redis.Redis 
     metric("hybridgl_queue_depth", "gauge", "Jobs waiting per queue.",
            [({"queue": name}, float(n)) for name, n in jobs.depths().items()])
     metric("hybridgl_jobs_running", "gauge", "Jobs being run per queue.",
-           [({"queue": n}, float(StartedJobRegistry(n, connection=conn).count)) for n in js.QUEUES])
+           [({"queue": n}, float(q.registry(StartedJobRegistry, n, conn).count)) for n in js.QUEUES])
     metric("hybridgl_jobs_failed", "gauge", "Failed jobs kept per queue (see /jobs/{id} for reasons).",
-           [({"queue": n}, float(FailedJobRegistry(n, connection=conn).count)) for n in js.QUEUES])
+           [({"queue": n}, float(q.registry(FailedJobRegistry, n, conn).count)) for n in js.QUEUES])
     metric("hybridgl_workers", "gauge", "Workers alive (heartbeat within a minute).",
            [({}, float(len(q.live_workers(conn))))])
     metric("hybridgl_job_seconds_sum", "counter", "Seconds spent in jobs per queue.",

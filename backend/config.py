@@ -21,10 +21,11 @@ def _env(name: str, default: Any, help: str):
 @dataclass(frozen=True)
 class ServeSettings:
     redis_url: str = _env("REDIS_URL", "redis://127.0.0.1:6379/0", "Redis that holds the queues and results (and the shared image-index cache unless HYBRIDGL_CACHE_URL names another).")
-    label_studio_url: str = _env("LABEL_STUDIO_URL", "", "Label Studio's address, for images and for writing predictions (else the hostname Label Studio sends in /setup).")
-    label_studio_api_key: str = _env("LABEL_STUDIO_API_KEY", "", "Legacy token or personal access token of a Label Studio user (else the token Label Studio sends in /setup).")
+    label_studio_url: str = _env("LABEL_STUDIO_URL", "", "Label Studio's address, for images and for writing predictions: the only address tokens are sent to. Unset: the hostname of an authenticated /setup (Basic auth on), pinned per project, with that /setup's token only.")
+    label_studio_api_key: str = _env("LABEL_STUDIO_API_KEY", "", "Legacy token or personal access token of a Label Studio user, sent only to LABEL_STUDIO_URL (else the token an authenticated /setup sends).")
     basic_auth_user: str = _env("BASIC_AUTH_USER", "", "With BASIC_AUTH_PASS: require HTTP Basic auth on every endpoint.")
-    basic_auth_pass: str = _env("BASIC_AUTH_PASS", "", "Password for BASIC_AUTH_USER.")
+    basic_auth_pass: str = _env("BASIC_AUTH_PASS", "", "Password for BASIC_AUTH_USER (`hybridgl serve` refuses an empty one and the example's).")
+    max_body_bytes: int = _env("HYBRIDGL_MAX_BODY_BYTES", 32 * 2**20, "Largest request body the web process reads, in bytes (larger: HTTP 413).")
     secret_key: str = _env("HYBRIDGL_SECRET_KEY", "", "Any long random string, the same on backend and workers: encrypts the Label Studio token that /setup receives before it is kept in Redis for the workers. Unset: that token is not kept (workers then need LABEL_STUDIO_API_KEY).")
     host: str = _env("HYBRIDGL_HOST", "0.0.0.0", "Address `hybridgl serve` listens on.")
     port: int = _env("HYBRIDGL_PORT", 9090, "Port `hybridgl serve` listens on.")
@@ -63,7 +64,10 @@ class ServeSettings:
             kind = type(f.default)
             try:
                 if kind is bool:
-                    values[f.name] = raw.strip().lower() in ("1", "true", "yes", "on")
+                    word = raw.strip().lower()
+                    if word not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                        raise ValueError
+                    values[f.name] = word in ("1", "true", "yes", "on")
                 else:
                     values[f.name] = kind(raw)
             except ValueError:

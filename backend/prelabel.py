@@ -338,7 +338,7 @@ class Prelabel:
 
     def _status(self, job_id: str):
         try:
-            return Job.fetch(job_id, connection=self.conn).get_status(refresh=False)
+            return q.fetch_job(job_id, self.conn).get_status(refresh=False)
         except Exception:  # noqa: BLE001 - no such job (or an unreadable one): enqueue anew
             return None
 

@@ -119,12 +119,12 @@ def test_a_bad_task_does_not_fail_the_others(stack, image_server, redis_url):
     from rq import Queue
     from rq.registry import FailedJobRegistry
 
-    from backend.queue import job_error
+    from backend.queue import fetch_jobs, job_error, make_queue
 
     conn = redis.Redis.from_url(redis_url)
-    registry = FailedJobRegistry(queue=Queue("batch", connection=conn))
+    registry = FailedJobRegistry(queue=make_queue("batch", conn))
     reasons = {}
-    for job in Queue("batch", connection=conn).job_class.fetch_many(registry.get_job_ids(), connection=conn):
+    for job in fetch_jobs(registry.get_job_ids(), conn):
         reasons[job.args[0]["task_id"]] = job_error(job, job.latest_result())
     assert "404" in reasons[13] or "not found" in reasons[13].lower()
     assert "file" in reasons[14].lower()
@@ -191,10 +191,9 @@ def test_warm_up_makes_the_first_prompt_a_cache_hit(stack, image_server, redis_u
     task = {"id": 31, "data": {"image": f"{image_server}/groceries.jpg"}}
     assert _predict(client, [task], INTERACTIVE_CONFIG, None).json() == {"results": [[]]}
     conn = redis.Redis.from_url(redis_url)
-    from rq import Queue
+    from backend.queue import fetch_jobs
 
-    warm_jobs = [j for j in Queue("warmup", connection=conn).job_class.fetch_many(
-        _all_job_ids(conn, "warmup"), connection=conn) if j and j.args[0]["image"].endswith("groceries.jpg")]
+    warm_jobs = [j for j in fetch_jobs(_all_job_ids(conn, "warmup"), conn) if j and j.args[0]["image"].endswith("groceries.jpg")]
     assert warm_jobs
     wait_for(lambda: warm_jobs[0].get_status(refresh=True) == "finished", 120, "the warm-up job")
     built = _metric(client.get("/metrics").text, 'hybridgl_index_lookups_total{source="built"}')

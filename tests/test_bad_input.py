@@ -364,13 +364,15 @@ def test_the_matrix_is_large_enough():
 def _task_jobs(conn: redis.Redis, queue: str) -> dict[Any, list]:
     """Jobs of a queue by task id: (status, job) in every registry."""
     from rq import Queue
+
+    from backend.queue import fetch_jobs
     from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
 
     q = Queue(queue, connection=conn)
     ids = (list(q.job_ids) + StartedJobRegistry(queue=q).get_job_ids() + FinishedJobRegistry(queue=q).get_job_ids()
            + FailedJobRegistry(queue=q).get_job_ids())
     jobs: dict[Any, list] = {}
-    for job in q.job_class.fetch_many(list(dict.fromkeys(ids)), connection=conn):
+    for job in fetch_jobs(list(dict.fromkeys(ids)), conn):
         if job is not None:
             jobs.setdefault(job.args[0].get("task_id"), []).append(job)
     return jobs

@@ -1,8 +1,8 @@
 """Secrets and access: Label Studio tokens never leak, and the web process needs its Basic auth.
 
 The stack: a fake Label Studio (records the Authorization headers it gets), one worker with
-LABEL_STUDIO_API_KEY (and no LABEL_STUDIO_URL: the address comes from /setup), one backend with
-Basic auth and HYBRIDGL_SECRET_KEY (it keeps /setup's token for the workers, encrypted). Both
+LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY, one backend with Basic auth and HYBRIDGL_SECRET_KEY and
+no Label Studio settings (it keeps the token of an authenticated /setup for the workers, encrypted). Both
 tokens are then looked for everywhere they could leak: the services' log files, every Redis value
 (RQ's compressed job data included), job arguments and descriptions, and every API answer.
 
@@ -103,7 +103,8 @@ def stack(tiny_settings, redis_url, fake_ls, tmp_path_factory):
     logs = tmp_path_factory.mktemp("secrets-logs")
     common = dict(HYBRIDGL_TORCH_THREADS="2", HYBRIDGL_SECRET_KEY=SECRET_KEY, HYBRIDGL_JOB_RETRIES="0",
                   HYBRIDGL_INTERACTIVE_TIMEOUT="150", HYBRIDGL_WARM_ON_OPEN="false")
-    worker = start_worker(service_env(tiny_settings, redis_url, LABEL_STUDIO_API_KEY=ENV_TOKEN, **common),
+    worker = start_worker(service_env(tiny_settings, redis_url, LABEL_STUDIO_URL=fake_ls["url"],
+                                      LABEL_STUDIO_API_KEY=ENV_TOKEN, **common),
                           WORKER_NAME, logs, redis_url)
     backend, url = start_backend(service_env(tiny_settings, redis_url, BASIC_AUTH_USER=AUTH[0],
                                              BASIC_AUTH_PASS=AUTH[1], **common), logs)
@@ -150,14 +151,12 @@ def test_the_workers_token_works_and_failures_do_not_show_it(stack, fake_ls):
 
 
 def test_job_records_and_answers_hold_no_token(stack):
-    from rq.job import Job
-
     conn = stack["conn"]
     keys = [k.decode() for k in conn.scan_iter("rq:job:*") if k.count(b":") == 2]
     assert keys
     for key in keys:
         job_id = key.split(":", 2)[2]
-        job = Job.fetch(job_id, connection=conn)
+        job = q.fetch_job(job_id, conn)
         _assert_no_token(repr((job.args, job.kwargs, job.description, job.meta)), f"job {job_id}'s arguments")
         answer = stack["client"].get(f"/jobs/{job_id}")
         assert answer.status_code == 200
@@ -257,9 +256,10 @@ def test_without_a_secret_key_the_setup_token_is_not_kept(redis_url, caplog):
 
     conn = redis.Redis.from_url(redis_url)
     project = "99.1700000000"
-    app = create_app(ServeSettings(redis_url=redis_url))
+    app = create_app(ServeSettings(redis_url=redis_url, basic_auth_user=AUTH[0], basic_auth_pass=AUTH[1]))
     try:
         with TestClient(app) as web:
+            web.auth = AUTH
             answer = web.post("/setup", json={"project": project, "schema": INTERACTIVE,
                                               "hostname": "http://127.0.0.1:9", "access_token": SETUP_TOKEN})
             assert answer.status_code == 200

@@ -54,11 +54,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
+    from backend.access import refuse_example_password, startup_warnings
     from backend.app import create_app
     from backend.config import ServeSettings
 
     settings = ServeSettings.from_env(host=args.host, port=args.port)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    refuse_example_password(settings)
+    for warning in startup_warnings(settings):
+        logging.getLogger("hybridgl.backend").warning("%s", warning)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level)
     return 0
 

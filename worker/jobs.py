@@ -64,8 +64,9 @@ class Runtime:
         return cls(settings, conn, pipeline, cache)
 
     def labelstudio_access(self, payload: dict):
-        """(client or None, why there is none): LABEL_STUDIO_URL / _API_KEY, each else what /setup sent
-        (its token kept encrypted with HYBRIDGL_SECRET_KEY, see backend.queue.save_setup)."""
+        """(client or None, why there is none): LABEL_STUDIO_URL with LABEL_STUDIO_API_KEY (else /setup's
+        token), or else the address and token an authenticated /setup pinned (see backend.labelstudio.client_from
+        and backend.queue.save_setup)."""
         s = self.settings
         hostname = token = problem = None
         project = payload.get("project")
@@ -78,6 +79,9 @@ class Runtime:
         if not (s.label_studio_url or hostname):
             return None, ("Label Studio's address is unknown; set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY on "
                           "the workers")
+        if not s.label_studio_url and s.label_studio_api_key and not problem:
+            return None, ("LABEL_STUDIO_API_KEY is only sent to LABEL_STUDIO_URL, which is unset on the workers "
+                          "(never to an address /setup named); set LABEL_STUDIO_URL to Label Studio's address")
         return None, problem or ("the workers have no Label Studio token; set LABEL_STUDIO_API_KEY on the "
                                  "workers")
 

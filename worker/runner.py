@@ -20,7 +20,7 @@ import threading
 import time
 
 import redis
-from rq import Queue, SimpleWorker
+from rq import SimpleWorker
 from rq.executions import Execution
 from rq.registry import StartedJobRegistry
 from rq.scheduler import RQScheduler
@@ -66,7 +66,7 @@ def run_worker(serve: ServeSettings, method_settings, name: str | None = None, b
     # thread instead: one holds the lock, and a dead worker's lock passes on when the reaper frees it.
     # Every tick re-checks ownership (RQ 3's acquire_locks acquires or refreshes by owner, atomically), so
     # a worker whose lock was taken over stops moving due retries; release_locks frees only its own.
-    scheduler = RQScheduler(list(q.QUEUES), connection=conn, name=name)
+    scheduler = RQScheduler(list(q.QUEUES), connection=conn, name=name, serializer=q.SERIALIZER)
 
     def housekeeping() -> None:
         next_beat = time.monotonic() + serve.worker_heartbeat
@@ -85,7 +85,8 @@ def run_worker(serve: ServeSettings, method_settings, name: str | None = None, b
     reap_dead_workers_jobs(conn)  # jobs left by a worker that died while none was alive to notice
     threading.Thread(target=housekeeping, name="housekeeping", daemon=True).start()
     log.info("worker %s ready: model_version %s, queues %s", name, pipeline.model_version, ",".join(serve.queues))
-    worker = SimpleWorker([Queue(n, connection=conn) for n in serve.queues], connection=conn, name=name)
+    worker = SimpleWorker([q.make_queue(n, conn) for n in serve.queues], connection=conn, name=name,
+                          serializer=q.SERIALIZER, job_class=q.TrustedJob)
     try:
         worker.work(with_scheduler=False, burst=burst, logging_level="INFO")
     finally:
@@ -124,7 +125,7 @@ def reap_dead_workers_jobs(conn: redis.Redis) -> list[str]:
     reaped: list[str] = []
     dead_workers: dict[str, list[str]] = {}
     for queue_name in q.QUEUES:
-        registry = StartedJobRegistry(queue_name, connection=conn)
+        registry = q.registry(StartedJobRegistry, queue_name, conn)
         expired = {}
         for entry in conn.zrange(registry.key, 0, -1):
             job_id, execution_id = parse_composite_key(entry.decode())
