@@ -4,7 +4,9 @@ Docker does not run here, so these tests read the files: each service's command 
 the real ``hybridgl`` parser, each environment variable must be a real setting (a typo fails),
 addresses and ports must point at the services that serve them, and the image must install the
 project and run ``hybridgl``. Compose's ``${VAR:-default}`` are resolved to their defaults (the
-shell's environment is ignored), as ``docker compose config`` would with an empty environment.
+shell's environment is ignored), as ``docker compose config`` would with an empty environment;
+the one required variable (``${VAR:?message}``, BASIC_AUTH_PASS) gets a test value, and a test
+checks that compose refuses to interpolate without it.
 """
 
 from __future__ import annotations
@@ -42,23 +44,37 @@ METHOD_ENV = {env_name(f.name) for f in setting_fields()}
 
 _VAR = re.compile(r"\$\{([^}]*)\}")
 _DEFAULTED = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*):-(.*)$", re.DOTALL)
+_REQUIRED = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*):\?(.*)$", re.DOTALL)
+REQUIRED_VARS = {"BASIC_AUTH_PASS"}  # the only variables compose refuses to start without
+TEST_PASSWORD = "a-password-of-the-operators-own"
+
+
+class ComposeRefuses(Exception):
+    """What `docker compose` does with ``${VAR:?message}`` and VAR unset or empty."""
 
 
 # --- reading the files ---------------------------------------------------------------------------
-def _resolve(value):
-    """Compose interpolation with an empty environment: ``${VAR:-default}`` -> default."""
+def _resolve(value, env: dict[str, str] | None = None):
+    """Compose interpolation: ``${VAR:-default}`` -> env's value or the default (``env`` holds only
+    what a test sets, never the shell's); ``${VAR:?message}`` -> env's value, else ComposeRefuses."""
+    env = env or {}
     if isinstance(value, dict):
-        return {k: _resolve(v) for k, v in value.items()}
+        return {k: _resolve(v, env) for k, v in value.items()}
     if isinstance(value, list):
-        return [_resolve(v) for v in value]
+        return [_resolve(v, env) for v in value]
     if not isinstance(value, str):
         return value
 
     def sub(m: re.Match) -> str:
         inner = _DEFAULTED.match(m.group(1))
-        if inner is None:
-            raise AssertionError(f"${{{m.group(1)}}}: use ${{VAR:-default}} so an unset variable has a default")
-        return inner.group(2)
+        if inner is not None:
+            return env.get(inner.group(1)) or inner.group(2)
+        required = _REQUIRED.match(m.group(1))
+        if required is not None and required.group(1) in REQUIRED_VARS:
+            if not env.get(required.group(1)):
+                raise ComposeRefuses(required.group(2))
+            return env[required.group(1)]
+        raise AssertionError(f"${{{m.group(1)}}}: use ${{VAR:-default}} so an unset variable has a default")
 
     return _VAR.sub(sub, value.replace("$$", "\0")).replace("\0", "$")
 
@@ -70,7 +86,7 @@ def raw() -> dict:
 
 @pytest.fixture(scope="module")
 def compose(raw) -> dict:
-    return _resolve(raw)
+    return _resolve(raw, {"BASIC_AUTH_PASS": TEST_PASSWORD})
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +216,8 @@ def test_passthrough_names_match_their_setting(raw, name):
     """``HYBRIDGL_X: ${HYBRIDGL_Y:-...}`` with Y another setting is a copy-paste slip."""
     for key, value in _env(raw["services"][name]).items():
         for var in _VAR.findall(value):
-            passed = _DEFAULTED.match(var).group(1) if _DEFAULTED.match(var) else var
+            named = _DEFAULTED.match(var) or _REQUIRED.match(var)
+            passed = named.group(1) if named else var
             if passed in SERVE_ENV | METHOD_ENV:
                 assert passed == key, f"{name}: {key} takes its value from {passed}"
 
@@ -221,8 +238,8 @@ def test_every_variable_has_a_default_and_is_documented(raw):
     used = set()
     for text in _strings(raw):
         for var in _VAR.findall(text):
-            m = _DEFAULTED.match(var)
-            assert m, f"${{{var}}}: use ${{VAR:-default}}"
+            m = _DEFAULTED.match(var) or _REQUIRED.match(var)
+            assert m and (_DEFAULTED.match(var) or m.group(1) in REQUIRED_VARS), f"${{{var}}}: use ${{VAR:-default}}"
             used.add(m.group(1))
         assert not re.search(r"(?<!\$)\$[A-Za-z_]", text), f"{text!r}: write ${{VAR:-default}}, not $VAR"
     documented = set(re.findall(r"^\s*#?\s*([A-Z][A-Z0-9_]*)=", ENV_EXAMPLE.read_text(), re.MULTILINE))
@@ -395,3 +412,56 @@ def test_the_cache_has_a_bounded_redis_of_its_own(services):
     for name in ("backend", *WORKERS):
         url = urlparse(_env(services[name])["HYBRIDGL_CACHE_URL"])
         assert url.hostname == "cache-redis" and "cache-redis" in services[name]["depends_on"]
+
+
+# --- closed by default ------------------------------------------------------------------------------
+# Label Studio 1.23.2's default banned subnets (label_studio/core/utils/io.py, validate_ip).
+LABEL_STUDIO_DEFAULT_BANNED = [
+    "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12", "192.0.0.0/24",
+    "192.0.2.0/24", "192.88.99.0/24", "192.168.0.0/16", "198.18.0.0/15", "198.51.100.0/24", "203.0.113.0/24",
+    "224.0.0.0/4", "233.252.0.0/24", "240.0.0.0/4", "255.255.255.255/32", "::/128", "::1/128", "::ffff:0:0/96",
+    "::ffff:0:0:0/96", "64:ff9b::/96", "64:ff9b:1::/48", "100::/64", "2001:0000::/32", "2001:20::/28",
+    "2001:db8::/32", "2002::/16", "fc00::/7", "fe80::/10", "ff00::/8",
+]
+
+
+def test_backend_port_is_published_on_loopback_only_by_default(services):
+    (spec,) = services["backend"]["ports"]
+    assert str(spec).split(":")[0] == "127.0.0.1", "the backend's port must not be published on every interface"
+
+
+def test_compose_refuses_to_start_without_a_backend_password(raw):
+    with pytest.raises(ComposeRefuses, match="BASIC_AUTH_PASS"):
+        _resolve(raw)  # empty environment: what `docker compose up` without .env does
+    env = _env(_resolve(raw, {"BASIC_AUTH_PASS": TEST_PASSWORD})["services"]["backend"])
+    assert env["BASIC_AUTH_USER"] and env["BASIC_AUTH_PASS"] == TEST_PASSWORD  # auth is on by default
+
+
+def test_backend_refuses_to_start_with_the_example_password(raw, tmp_path):
+    """The backend's environment as compose builds it from docker/.env.example: the real `hybridgl
+    serve` exits with a clear error before listening (no Redis is needed to get there)."""
+    import subprocess
+    import sys
+
+    example = dict(re.findall(r"^([A-Z][A-Z0-9_]*)=(.*)$", ENV_EXAMPLE.read_text(), re.MULTILINE))
+    backend = _resolve(raw, example)["services"]["backend"]
+    env = {k: v for k, v in _env(backend).items() if v}
+    env.update(PATH="/usr/bin:/bin", REDIS_URL="redis://127.0.0.1:1/0")
+    result = subprocess.run([sys.executable, "-m", "worker.cli", *backend["command"], "--port", "0"], env=env,
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "BASIC_AUTH_PASS" in result.stderr and "example" in result.stderr
+
+
+def test_label_studio_keeps_its_ssrf_protection(services):
+    """Only the compose network's range (172.16.0.0/12, Docker's) is lifted from Label Studio's
+    banned subnets; its SSRF protection stays on."""
+    env = _env(services["label-studio"])
+    assert env.get("LABEL_STUDIO_SSRF_PROTECTION_ENABLED", "true").lower() == "true"
+    assert env["LABEL_STUDIO_USE_DEFAULT_BANNED_SUBNETS"].lower() == "false"
+    banned = env["LABEL_STUDIO_USER_ADDITIONAL_BANNED_SUBNETS"].split(",")
+    assert banned == [s for s in LABEL_STUDIO_DEFAULT_BANNED if s != "172.16.0.0/12"]
+    source = next(Path(ROOT, ".cache", "ls-venv", "lib").glob("python3*/site-packages/label_studio/core/utils/io.py"),
+                  None)
+    if source is not None:  # the installed Label Studio's own list, when the test virtualenv is there
+        assert re.findall(r"'([0-9a-f:./]+/\d+)',\s+#", source.read_text()) == LABEL_STUDIO_DEFAULT_BANNED
