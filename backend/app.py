@@ -133,7 +133,7 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
                                   problems=["Redis is unreachable: no job can run until it is back"])
             return JSONResponse(body.model_dump(), status_code=503)
         workers, version = state.workers, state.model_version
-        tokenless = [] if settings.label_studio_api_key else state.tokenless
+        tokenless = [] if settings.label_studio_url and settings.label_studio_api_key else state.tokenless
         if not workers:
             problems.append("no worker is running: jobs wait in the queue until `hybridgl worker` starts")
         if tokenless:
@@ -162,11 +162,11 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
         # (HYBRIDGL_SECRET_KEY); the address is pinned per project by the first /setup.
         if body.project and settings.basic_auth is not None and not (settings.label_studio_url
                                                                       and settings.label_studio_api_key):
+            # LABEL_STUDIO_API_KEY without LABEL_STUDIO_URL goes nowhere: then the token is /setup's.
             hostname = None if settings.label_studio_url else body.hostname
-            token = None if settings.label_studio_api_key else body.access_token
-            if hostname or token:
+            if hostname or body.access_token:
                 try:
-                    q.save_setup(conn, body.project, hostname, token, settings.secret_key)
+                    q.save_setup(conn, body.project, hostname, body.access_token, settings.secret_key)
                 except q.SetupPinned as exc:
                     log.warning("/setup refused: %s", exc)
                     raise ApiError(409, str(exc)) from None

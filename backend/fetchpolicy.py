@@ -94,6 +94,8 @@ class FetchPolicy:
             pattern, entry_port = _parse_host_entry(entry)
             if not pattern or (entry_port is not None and entry_port != port):
                 continue
+            if _same_address(host, pattern):  # one address, two spellings (::ffff:a9fe:a9fe)
+                return True
             if pattern.startswith("*."):
                 if host.endswith(pattern[1:]) and len(host) > len(pattern) - 1:
                     return True
@@ -104,6 +106,13 @@ class FetchPolicy:
 
 def norm_host(host: str) -> str:
     return host.strip().lower().rstrip(".").strip("[]")
+
+
+def _same_address(a: str, b: str) -> bool:
+    try:
+        return ipaddress.ip_address(a) == ipaddress.ip_address(b)
+    except ValueError:
+        return False
 
 
 def _parse_host_entry(entry: str) -> tuple[str, int | None]:

@@ -61,16 +61,12 @@ class TrustedJob(Job):
         if self.func_name not in JOB_FUNCTIONS or self.instance is not None:
             raise UntrustedJob(f"refusing to run {str(self.func_name)[:100]!r}: workers only run "
                                f"{', '.join(sorted(JOB_FUNCTIONS))}")
-        return super().func
-
-    def _no_callbacks(self):
         if self._success_callback_name or self._failure_callback_name or self._stopped_callback_name:
             raise UntrustedJob("refusing a job with callbacks: hybridgl jobs have none")
-        return None
+        return super().func
 
-    success_callback = property(_no_callbacks)
-    failure_callback = property(_no_callbacks)
-    stopped_callback = property(_no_callbacks)
+    # Callbacks are never imported (RQ would import whatever name the record holds).
+    success_callback = failure_callback = stopped_callback = property(lambda self: None)
 
 
 def connect(url: str, **timeouts: float) -> redis.Redis:
