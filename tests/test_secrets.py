@@ -18,6 +18,7 @@ import io
 import json
 import logging
 import os
+import sys
 import threading
 import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -287,3 +288,61 @@ def test_an_error_message_never_quotes_the_env_token(fake_ls, redis_url, caplog)
         _assert_no_token(str(failure.value), "a job's failure reason")
         assert ENV_TOKEN not in image or "<redacted>" in str(failure.value)
     _assert_no_token(caplog.text, "the worker's log records")
+
+
+# --- the web process's own guard ------------------------------------------------------------------
+def test_basic_auth_compares_both_fields_every_time(monkeypatch):
+    """Both fields are compared (in constant time, on digests) whether or not the first matches, so
+    the answer's timing does not tell a right user name from a wrong one."""
+    from backend import access
+
+    calls = []
+    real = access.hmac.compare_digest
+    monkeypatch.setattr(access.hmac, "compare_digest", lambda a, b: calls.append((len(a), len(b))) or real(a, b))
+
+    def header(user: str, password: str) -> str:
+        return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+    expected = AUTH
+    cases = {header(*AUTH): True, header(AUTH[0], "wrong"): False, header("someone", AUTH[1]): False,
+             header("", ""): False, "Basic !!!": False, "Bearer x": False, "": False,
+             header(AUTH[0], AUTH[1] + "x"): False, "basic " + header(*AUTH)[6:]: True}
+    for value, ok in cases.items():
+        calls.clear()
+        assert access.basic_auth_matches(value, expected) is ok, value
+        assert calls == [(32, 32), (32, 32)], value  # two digests, whatever the input
+
+
+def test_startup_warnings_and_the_example_password():
+    from backend.access import refuse_example_password, startup_warnings
+
+    open_everywhere = ServeSettings(host="0.0.0.0")
+    assert any("without authentication" in w for w in startup_warnings(open_everywhere))
+    assert any("LABEL_STUDIO_URL is unset" in w for w in startup_warnings(open_everywhere))
+    assert not any("without authentication" in w for w in startup_warnings(ServeSettings(host="127.0.0.1")))
+    assert not any("without authentication" in w for w in startup_warnings(ServeSettings(host="::1")))
+    closed = ServeSettings(host="0.0.0.0", basic_auth_user="u", basic_auth_pass="long-password",
+                           label_studio_url="http://ls:8080", label_studio_api_key="k")
+    assert startup_warnings(closed) == []
+    key_without_url = ServeSettings(basic_auth_user="u", basic_auth_pass="p", label_studio_api_key="k")
+    assert any("only ever sent to LABEL_STUDIO_URL" in w for w in startup_warnings(key_without_url))
+    for password in ("", "change-me"):
+        with pytest.raises(ValueError, match="BASIC_AUTH_PASS"):
+            refuse_example_password(ServeSettings(basic_auth_user="u", basic_auth_pass=password))
+    refuse_example_password(closed)
+
+
+def test_serve_warns_when_it_listens_beyond_loopback_without_auth(tiny_settings, redis_url, tmp_path):
+    """The real `hybridgl serve` on every interface without Basic auth says so in its log."""
+    from .services import Service, free_port, wait_for
+
+    port = free_port()
+    service = Service("open-backend", [sys.executable, "-m", "worker.cli", "serve", "--host", "0.0.0.0",
+                                       "--port", str(port)], service_env(tiny_settings, redis_url), tmp_path)
+    try:
+        wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code > 0, 60,
+                 "the backend to answer", service)
+        log = service.log_path.read_text()
+        assert f"listening on 0.0.0.0:{port} without authentication" in log, log[-2000:]
+    finally:
+        service.stop()
