@@ -18,6 +18,7 @@ import json
 from starlette.exceptions import HTTPException
 
 from backend.config import ServeSettings
+from backend.errors import ConfigError
 
 EXAMPLE_PASSWORD = "change-me"  # docker/.env.example's BASIC_AUTH_PASS: `hybridgl serve` refuses it
 
@@ -128,5 +129,5 @@ def startup_warnings(settings: ServeSettings) -> list[str]:
 def refuse_example_password(settings: ServeSettings) -> None:
     """`hybridgl serve` does not start with docker/.env.example's password."""
     if settings.basic_auth is not None and settings.basic_auth_pass.strip() in ("", EXAMPLE_PASSWORD):
-        raise ValueError("BASIC_AUTH_PASS is empty or still the example's value: set a long random password "
+        raise ConfigError("BASIC_AUTH_PASS is empty or still the example's value: set a long random password "
                          "(e.g. `openssl rand -hex 24`) in .env, and the same in Label Studio's model connection")

@@ -315,6 +315,7 @@ def test_basic_auth_compares_both_fields_every_time(monkeypatch):
 
 def test_startup_warnings_and_the_example_password():
     from backend.access import refuse_example_password, startup_warnings
+    from backend.errors import ConfigError
 
     open_everywhere = ServeSettings(host="0.0.0.0")
     assert any("without authentication" in w for w in startup_warnings(open_everywhere))
@@ -327,7 +328,7 @@ def test_startup_warnings_and_the_example_password():
     key_without_url = ServeSettings(basic_auth_user="u", basic_auth_pass="p", label_studio_api_key="k")
     assert any("only ever sent to LABEL_STUDIO_URL" in w for w in startup_warnings(key_without_url))
     for password in ("", "change-me"):
-        with pytest.raises(ValueError, match="BASIC_AUTH_PASS"):
+        with pytest.raises(ConfigError, match="BASIC_AUTH_PASS"):
             refuse_example_password(ServeSettings(basic_auth_user="u", basic_auth_pass=password))
     refuse_example_password(closed)
 
