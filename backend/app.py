@@ -157,12 +157,12 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
         """A plain function: FastAPI runs it in its thread pool, off the event loop (it parses XML, reads Redis)."""
         if body.schema_:
             parse_label_config(body.schema_)  # a config we cannot serve fails here, visibly
-        # What the workers lack of LABEL_STUDIO_URL / _API_KEY, only from a /setup that passed the Basic auth
-        # (an open /setup would let anyone name the host tokens go to). The token is kept only encrypted
-        # (HYBRIDGL_SECRET_KEY); the address is pinned per project by the first /setup.
+        # Kept for the workers only from a /setup that passed the Basic auth (an open /setup would let anyone
+        # name the host tokens go to), and only what LABEL_STUDIO_URL / _API_KEY leave open (a key without a
+        # URL goes nowhere: then the token is /setup's). The token is kept only encrypted
+        # (HYBRIDGL_SECRET_KEY); the first /setup of a project pins its address.
         if body.project and settings.basic_auth is not None and not (settings.label_studio_url
                                                                       and settings.label_studio_api_key):
-            # LABEL_STUDIO_API_KEY without LABEL_STUDIO_URL goes nowhere: then the token is /setup's.
             hostname = None if settings.label_studio_url else body.hostname
             if hostname or body.access_token:
                 try:
