@@ -287,6 +287,7 @@ def test_redis_needs_the_password_and_tls(stack):
 
 def test_job_payloads_are_json(stack):
     conn = stack["conn"]
+    assert _predict(stack["auth"], "38.1700000000", "http://aws.attack.test/x.png", 1).status_code == 422
     keys = _job_keys(conn)
     assert keys
     for key in keys:
@@ -309,24 +310,28 @@ class _Pwn:
 def test_a_job_written_to_redis_runs_no_code(stack, tmp_path):
     """Someone with Redis access writes jobs: a pickled payload, and JSON ones naming a function
     that is no hybridgl job. Workers run none of them (each fails with its reason), and go on."""
-    from rq import Queue
+    from rq import Callback, Queue
     from rq.serializers import JSONSerializer
 
     conn = stack["conn"]
-    markers = [tmp_path / f"pwned-{i}" for i in range(3)]
+    markers = [tmp_path / f"pwned-{i}" for i in range(2)]
     pickled = Queue(q.WARMUP, connection=conn).enqueue("worker.jobs.warm", _Pwn(markers[0]))
     as_json = Queue(q.WARMUP, connection=conn, serializer=JSONSerializer)
     named = as_json.enqueue("builtins.exec", f"open({str(markers[1])!r}, 'w').write('pwned')")
     callback = as_json.enqueue("worker.jobs.warm", {"image": "http://aws.attack.test/x.png"},
-                               on_failure="builtins.exec")
+                               on_failure=Callback("builtins.exec"))
     for job in (pickled, named, callback):
         wait_for(lambda: q.fetch_job(job.id, conn).get_status(refresh=True) in ("failed", "finished"), 60,
                  f"job {job.id} to end")
         assert q.fetch_job(job.id, conn).get_status(refresh=True) == "failed"
     assert not any(m.exists() for m in markers), "a job written to Redis ran code on the worker"
-    assert "refusing to run 'builtins.exec'" in q.job_error(q.fetch_job(named.id, conn))
-    worker = stack["services"][0]
-    assert worker.process.poll() is None, "the worker died"
-    assert "callbacks" in q.job_error(q.fetch_job(callback.id, conn))
+
+    def reason(job) -> str:
+        job = q.fetch_job(job.id, conn)
+        return q.job_error(job, job.latest_result())
+
+    assert "refusing to run 'builtins.exec'" in reason(named)
+    assert "callbacks" in reason(callback)  # refused before running: no callback name is ever imported
+    assert stack["services"][0].process.poll() is None, "the worker died"
     answer = _predict(stack["auth"], "37.1700000000", "http://aws.attack.test/x.png", 1)
     assert answer.status_code == 422 and "metadata" in answer.json()["error"]  # the worker still runs jobs
