@@ -177,11 +177,10 @@ def _click(x, y, positive: bool, region_id: str) -> dict:
 
 def _interactive_payload(redis_url: str, clicks: int) -> dict:
     """The payload of the task's interactive job with this many clicks."""
-    from rq import Queue
+    from backend.queue import fetch_jobs
 
     conn = redis.Redis.from_url(redis_url)
-    jobs = Queue("interactive", connection=conn).job_class.fetch_many(_all_job_ids(conn, "interactive"),
-                                                                      connection=conn)
+    jobs = fetch_jobs(_all_job_ids(conn, "interactive"), conn)
     [payload] = [j.args[0] for j in jobs if j and j.args[0]["task_id"] == 21 and len(j.args[0]["clicks"]) == clicks]
     return payload
 
