@@ -15,7 +15,7 @@ from collections import Counter
 import pytest
 import redis
 from rq import Queue
-from rq.job import Job, JobStatus
+from rq.job import JobStatus
 
 from backend import delivery
 from backend import jobspec as js
@@ -216,7 +216,7 @@ def test_an_ended_job_is_replaced_by_the_next_enqueue(conn):
     again = jobs.enqueue(spec)
     assert again.get_status() == JobStatus.QUEUED
     assert Queue(js.BATCH, connection=conn).get_job_ids() == [spec.job_id]
-    assert Job.fetch(spec.job_id, connection=conn).args[0] == spec.payload
+    assert q.fetch_job(spec.job_id, conn).args[0] == spec.payload
 
 
 def test_a_selection_over_1000_tasks_is_served_and_handed_off(tiny_settings, redis_url, conn, tmp_path):
