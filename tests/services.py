@@ -115,6 +115,19 @@ def start_backend(env: dict[str, str], log_dir: Path) -> tuple[Service, str]:
     return service, url
 
 
+def small_png() -> bytes:
+    """A 96x64 PNG with a red square: an image for a stand-in image host."""
+    import io
+
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (96, 64), (230, 230, 220))
+    ImageDraw.Draw(image).rectangle((10, 10, 50, 50), fill=(200, 20, 20))
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
 def serve_directory(directory: Path) -> tuple[ThreadingHTTPServer, str]:
     """A threaded HTTP server on 127.0.0.1 serving a folder (a stand-in for any image host)."""
     server = ThreadingHTTPServer(("127.0.0.1", 0), partial(_QuietHandler, directory=str(directory)))

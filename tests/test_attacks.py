@@ -16,7 +16,6 @@ the one "public" address it hands out, so that nothing leaves the machine.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import threading
@@ -28,11 +27,10 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
-from PIL import Image, ImageDraw
 
 from backend import queue as q
 
-from .services import RedisServer, service_env, start_backend, start_worker, wait_for
+from .services import small_png, RedisServer, service_env, start_backend, start_worker, wait_for
 
 ENV_TOKEN = "workers-env-token-71c3e0a5d2b4"  # the workers' LABEL_STUDIO_API_KEY
 SETUP_TOKEN = "setup-token-4b9d2e7f1a6c"  # what the real Label Studio sends in /setup
@@ -54,14 +52,6 @@ METADATA_FORMS = {
     "6to4": "2002:a9fe:a9fe::", "nat64": "64:ff9b::a9fe:a9fe", "nat64-alibaba": "64:ff9b::6464:64c8",
 }
 LITERALS = ("169.254.169.254", "fd00:ec2::254", "100.100.100.200", "::ffff:169.254.169.254")
-
-
-def _png() -> bytes:
-    image = Image.new("RGB", (96, 64), (230, 230, 220))
-    ImageDraw.Draw(image).rectangle((10, 10, 50, 50), fill=(200, 20, 20))
-    buffer = io.BytesIO()
-    image.save(buffer, "PNG")
-    return buffer.getvalue()
 
 
 class _Recorder(BaseHTTPRequestHandler):
@@ -88,7 +78,7 @@ class _Recorder(BaseHTTPRequestHandler):
 
 
 def _server(token: str | None):
-    handler = type("Handler", (_Recorder,), {"seen": [], "image": _png(), "token": token})
+    handler = type("Handler", (_Recorder,), {"seen": [], "image": small_png(), "token": token})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()

@@ -28,11 +28,8 @@ ANSWER = {"result": [{"type": "brushlabels"}], "score": 0.5, "model_version": "v
 
 
 @pytest.fixture
-def conn(redis_url):
-    connection = redis.Redis.from_url(redis_url)
-    connection.flushdb()
-    yield connection
-    connection.flushdb()
+def conn(clean_redis):
+    return clean_redis
 
 
 def _party(redis_url: str, key: str, job_id: str, role: str) -> str:

@@ -14,7 +14,6 @@ that the workers have no token. /docs and /openapi.json need the Basic auth too 
 from __future__ import annotations
 
 import base64
-import io
 import json
 import logging
 import os
@@ -26,12 +25,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 import redis
-from PIL import Image, ImageDraw
 
 from backend import queue as q
 from backend.config import ServeSettings
 
-from .services import service_env, start_backend, start_worker
+from .services import small_png, service_env, start_backend, start_worker
 
 ENV_TOKEN = "envtoken-5f0c1a9e7b3d4c2a8e6f"  # the workers' LABEL_STUDIO_API_KEY
 SETUP_TOKEN = "setuptoken-9a8b7c6d5e4f3a2b1c0d"  # what Label Studio sends in /setup
@@ -46,14 +44,6 @@ INTERACTIVE = """<View>
   <TextArea name="prompt" toName="image" editable="true" rows="2" maxSubmissions="1"/>
   <BrushLabels name="mask" toName="image"><Label value="Object"/></BrushLabels>
 </View>"""
-
-
-def _png() -> bytes:
-    image = Image.new("RGB", (96, 64), (230, 230, 220))
-    ImageDraw.Draw(image).rectangle((10, 10, 50, 50), fill=(200, 20, 20))
-    buffer = io.BytesIO()
-    image.save(buffer, "PNG")
-    return buffer.getvalue()
 
 
 class _FakeLabelStudio(BaseHTTPRequestHandler):
@@ -87,7 +77,7 @@ class _FakeLabelStudio(BaseHTTPRequestHandler):
 @pytest.fixture(scope="module")
 def fake_ls():
     """Label Studio, and on another port a storage host (allow-listed, never sent the token)."""
-    handler = type("Handler", (_FakeLabelStudio,), {"seen": [], "image": _png()})
+    handler = type("Handler", (_FakeLabelStudio,), {"seen": [], "image": small_png()})
     servers = [ThreadingHTTPServer(("127.0.0.1", 0), handler) for _ in range(2)]
     for server in servers:
         server.daemon_threads = True
