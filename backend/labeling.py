@@ -19,7 +19,7 @@ Rules:
 - ``thresholds``: a ``<Label value="Car" hybridgl_threshold="0.4"/>`` sets that label's least
   probability for a region to be an instance of it (``worker/hybridgl/instances.py``); labels
   without one use the workers' ``HYBRIDGL_INSTANCE_THRESHOLD``. Label Studio 1.23.2 accepts and
-  keeps the attribute (tests/test_instances_labelstudio.py). A value that is not a number in
+  keeps the attribute (tests/test_preview.py). A value that is not a number in
   [0, 1], or two different values for one label, make the config unusable, with the reason.
 - Tag names are compared case-insensitively, as Label Studio's editor does. Other tags are ignored.
 """
