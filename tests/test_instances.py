@@ -221,3 +221,40 @@ def _bbox(result: dict) -> tuple[int, int, int, int]:
     mask = decode_rle(result["value"]["rle"]).reshape(h, w, 4)[:, :, 3] > 0
     ys, xs = np.nonzero(mask)
     return int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)
+
+
+def test_segment_command_writes_every_instance_and_the_explanation(tiny_settings, tmp_path):
+    """``hybridgl segment IMAGE "all the dogs" --labels grass,dog``: with no background prompt and
+    threshold 0, each of two disjoint proposals is an instance of its best label."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from PIL import Image
+
+    data = Path(__file__).parent / "data"
+    h, w = 534, 800
+    proposals = np.zeros((2, h, w), dtype=bool)
+    proposals[0, :200, :400] = True
+    proposals[1, 300:, 450:] = True
+    np.savez(tmp_path / "props.npz", masks=proposals)
+    out = tmp_path / "out"
+    s = tiny_settings
+    cmd = [sys.executable, "-m", "worker.cli", "segment", str(data / "dog.jpg"), "all the dogs", "--labels",
+           "grass,dog", "--out", str(out), "--proposals", str(tmp_path / "props.npz"), "--sam-model", "vit_t",
+           "--sam-checkpoint", s.sam_checkpoint, "--clip-model", s.clip_model, "--clip-checkpoint",
+           s.clip_checkpoint, "--weights-dir", s.weights_dir, "--device", "cpu", "--masking-block", "4",
+           "--gem-blocks", "3", "--instance-threshold", "0", "--background-prompts", ""]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    labels = json.loads((out / "dog_labels.json").read_text())
+    assert labels["targets"] == ["grass", "dog"] and labels["background_prompts"] == []
+    assert sorted(i["index"] for i in labels["instances"]) == [0, 1]
+    plural = json.loads((out / "dog_00_all-the-dogs.json").read_text())
+    assert plural["asks_for_set"] is True and plural["targets"] == ["all the dogs"]
+    assert [m["decision"] for m in plural["masks"]] == ["instance", "instance"]
+    masks = sorted(out.glob("dog_00_all-the-dogs_*.mask.png"))
+    assert len(masks) == 2
+    found = {tuple(np.argwhere(np.asarray(Image.open(p)) == 255)[0]) for p in masks}
+    assert found == {(0, 0), (300, 450)}  # the two proposals, pixel for pixel where they start
+    assert len(list(out.glob("dog_labels_*.mask.png"))) == 2
