@@ -113,9 +113,9 @@ class Settings:
 
     # --- sets: label names and plural expressions (instances.py) ---------------------------
     instance_threshold: float = _setting(
-        0.5, "Least P(label | region) for a proposal to be an instance of a label or plural expression (0-1); a <Label hybridgl_threshold=...> overrides it per label.", "query")
+        0.5, "Least probability of a label (classified among all labels and the background prompts) for a proposal to be an instance of it, or of a plural expression (0-1); a label's hybridgl_threshold attribute in the label config overrides it for that label.", "query")
     instance_overlap: float = _setting(
-        0.5, "Proposals of one label overlapping by |A and B| / min(|A|, |B|) at least this much are one object: the most confident is kept (0-1].", "query")
+        0.5, "Proposals of one label whose intersection covers at least this share of the smaller one are one object (a whole and its part): the most confident is kept (0-1].", "query")
     background_prompts: str = _setting(
         "background;a part of an object;a texture;an empty area",
         "Semicolon-separated prompts that compete with the labels for each region's probability (one equal to a label is left out).",
