@@ -8,6 +8,7 @@ with every instance (``instances.py``) instead of HybridGL's single choice.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections import OrderedDict
@@ -70,6 +71,8 @@ class HybridGL:
         self._text_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._text_lock = threading.Lock()
         self._sticky_k = [self.settings.k1, self.settings.k2]  # only used with sticky_k (release bug)
+        # Parses are small (expressions are at most 1000 characters), so a count bounds their bytes.
+        self._parse_cached = functools.lru_cache(maxsize=TEXT_CACHE_SIZE)(self._parse)
 
     # --- identity ----------------------------------------------------------------------
     @property
@@ -155,6 +158,11 @@ class HybridGL:
             return torch.stack([self._text_cache[t] for t in texts])
 
     def parse(self, expression: str) -> ParsedExpression:
+        """The parse of ``expression``; cached (like the text features): label names are parsed for every
+        image, and 200 of them take seconds to parse."""
+        return self._parse_cached(expression)
+
+    def _parse(self, expression: str) -> ParsedExpression:
         return parse_expression(self.nlp, expression, right_fires=self.settings.right_fires)
 
     def text_features(self, parsed: list[ParsedExpression]) -> torch.Tensor:
