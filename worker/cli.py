@@ -25,8 +25,10 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from worker.hybridgl.pipeline import HybridGL
     from worker.hybridgl.render import overlay
 
+    from worker.hybridgl.errors import InputError
+
     if not args.expressions and not args.labels:
-        raise ValueError("nothing to segment: give at least one EXPRESSION, or --labels A,B,...")
+        raise InputError("nothing to segment: give at least one EXPRESSION, or --labels A,B,...")
     settings = settings_from_args(args)
     rgb = load_image(args.image)
     proposals = None
