@@ -13,6 +13,7 @@ Light like the rest of ``backend``: numpy and Pillow, no torch, nothing from ``w
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 import io
 import json
@@ -23,11 +24,10 @@ from typing import Any
 
 import numpy as np
 
-from backend import queue as q
+from backend import jobspec as js
 from backend.labeling import LabelingConfig
 from backend.prompts import PromptError, build_request
 
-DELIVER_RETURN = "return"  # the worker answers in the job's result only (see worker.jobs)
 PAGE_WIDTH = 720  # pixels an image is shown at (inlined at this size: the page stays small)
 COLORS = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45",
           "#fabed4", "#469990", "#9a6324", "#800000", "#aaffc3", "#808000", "#000075")
@@ -53,6 +53,7 @@ def run_preview(runner, config: LabelingConfig, label_config: str) -> int:
     policy = runner.settings.label_names_policy()
     entries: list[dict[str, Any]] = []
     jobs: dict[str, dict] = {}
+    digest = None
     for task_id in chosen:
         entry: dict[str, Any] = {"task_id": task_id, "regions": [], "error": None}
         entries.append(entry)
@@ -66,13 +67,17 @@ def run_preview(runner, config: LabelingConfig, label_config: str) -> int:
             continue
         entry["image"] = req.image
         entry["expressions"] = [e.text for e in req.expressions]
-        payload = {"task_id": task_id, "project": f"{runner.project_id}", "image": req.image,
-                   "label_config": label_config, "expressions": [{"text": e.text, "label": e.label}
-                                                                 for e in req.expressions],
-                   "clicks": [], "deliver": DELIVER_RETURN}
-        job_id = f"preview-{uuid.uuid4().hex}"  # a preview always recomputes (thresholds may have changed)
-        runner.jobs.enqueue(q.BATCH, "worker.jobs.predict", payload, job_id, f"preview task {task_id}")
-        jobs[job_id] = entry
+        digest = digest or js.store_label_config(runner.conn, label_config)
+        spec = js.prediction_job(
+            model_version=runner.version, project=f"{runner.project_id}", task_id=task_id, image=req.image,
+            expressions=[{"text": e.text, "label": e.label} for e in req.expressions], clicks=[], config=config,
+            config_digest=digest, interactive=False, origin="preview")
+        # On the batch queue (annotators' prompts keep priority), answered in the job's result only, and
+        # always recomputed (the thresholds in the config may have just changed).
+        spec = dataclasses.replace(spec, payload={**spec.payload, "deliver": js.Delivery.RETURN.value},
+                                   job_id=f"preview-{uuid.uuid4().hex}", description=f"preview task {task_id}")
+        runner.jobs.enqueue(spec)
+        jobs[spec.job_id] = entry
     deadline = time.monotonic() + runner.settings.job_timeout * (1 + runner.settings.job_retries)
     outcomes = runner.jobs.wait(list(jobs), deadline) if jobs else {}
     thresholds: dict[str, float] = {}
