@@ -104,6 +104,8 @@ def run_preview(runner, config: LabelingConfig, label_config: str) -> int:
             "regions": [{k: v for k, v in r.items() if k != "mask"} for r in e["regions"]]} for e in entries]},
         indent=1))
     failed = [e for e in entries if e["error"]]
+    for entry in failed:
+        runner.say(f"  task {entry['task_id']} failed: {entry['error']}")
     runner.say(f"preview written to {page} ({sum(len(e['regions']) for e in entries)} region(s) on "
                f"{len(entries) - len(failed)} image(s)" + (f"; {len(failed)} task(s) failed, see the page" if failed
                                                           else "") + ")")
