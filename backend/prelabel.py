@@ -74,6 +74,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="predict at most N tasks (tasks skipped or with invalid prompts do not count)")
     parser.add_argument("--dry-run", action="store_true",
                         help="say what would be done: enqueue nothing, write nothing")
+    parser.add_argument("--preview", type=_positive, metavar="N",
+                        help="predict N tasks spread over the project, write nothing to Label Studio, and write "
+                             "a page (--out DIR/index.html) showing each image's regions, labels, scores and the "
+                             "thresholds in force: tune thresholds before the full run")
+    parser.add_argument("--out", metavar="DIR", help="folder for the --preview page")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--summary-json", metavar="FILE",
                         help="also write the summary as JSON to FILE (for scripts)")
@@ -434,6 +439,10 @@ class Prelabel:
         title = project.get("title") or ""
         self.say(f"project {self.project_id} ({title!r}, {project.get('task_number', '?')} tasks) at "
                  f"{self.client.url}; model_version {self.version or 'unknown (no worker is running)'}")
+        if args.preview:
+            from backend.preview import run_preview
+
+            return run_preview(self, config, project["label_config"])
         if args.dry_run:
             return self.dry_run(config, project["label_config"])
         try:
@@ -540,6 +549,8 @@ def _where(redis_url: str) -> str:
 def run(args: argparse.Namespace) -> int:
     """Run `hybridgl prelabel` with parsed arguments; returns the exit code."""
     try:
+        if getattr(args, "preview", None) and not getattr(args, "out", None):
+            raise PrelabelError("--preview needs --out DIR: the folder the preview page is written to")
         settings = ServeSettings.from_env()
         policy = FetchPolicy.from_settings(settings)
         client = client_from(settings.label_studio_url or None, settings.label_studio_api_key or None, policy=policy)

@@ -86,7 +86,7 @@ def test_health_and_setup_report_the_workers_model_version(stack, redis_url):
 def test_batch_predict_fills_every_output_tag(stack, image_server):
     tasks = [{"id": 1, "data": {"image": f"{image_server}/dog.jpg", "prompt": "the dog on the left"}},
              {"id": 2, "data": {"image": f"{image_server}/dog.jpg",
-                                "prompts": [{"text": "grass", "label": "Grass"}, "the dog"]}}]
+                                "prompts": [{"text": "the grass", "label": "Grass"}, "the dog"]}}]
     response = _predict(stack["client"], tasks, BRUSH_CONFIG)
     assert response.status_code == 200, response.text
     results = response.json()["results"]

@@ -426,7 +426,7 @@ def test_a_bad_task_in_a_batch_does_not_fail_the_others(stack):
         {"id": 505, "data": {"image": "http://169.254.169.254/latest/meta-data/", "prompt": "x"}},  # refused
         {"id": 506, "data": {"image": f"{ls}/img/scene.png", "prompts": [{"text": "x", "label": "Cat"}]}},
         {"id": 507, "data": {"image": f"{ls}/img/missing.png", "prompt": "the red box"}},  # 404
-        {"id": 508, "data": {"image": f"{ls}/img/gray.png", "prompts": ["the blue disc", {"text": "box",
+        {"id": 508, "data": {"image": f"{ls}/img/gray.png", "prompts": ["the blue disc", {"text": "the box",
                                                                                       "label": "Box"}]}},  # good
     ]
     response = stack["client"].post("/predict", json={"tasks": tasks, "project": PROJECT, "label_config": BATCH})

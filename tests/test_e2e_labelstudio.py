@@ -101,9 +101,13 @@ def test_retrieve_predictions_gives_one_prediction_per_task(ls, stack, redis_url
         assert prediction["model_version"] == version
         brushes = [r for r in prediction["result"] if r["type"] == "brushlabels"]
         if config_name == "label_names":
-            assert sorted(r["value"]["brushlabels"][0] for r in brushes) == ["dog", "fence", "grass"]
+            # Label names ask for every instance and none of an absent label: how many regions each gets
+            # depends on CLIP's (random, here) weights; each region has one label of the config.
             for region in brushes:
+                assert region["value"]["brushlabels"][0] in ("dog", "fence", "grass")
                 _check_brush(region, image, region["value"]["brushlabels"])
+            if brushes:  # the prediction's score is its least confident region
+                assert prediction["score"] == pytest.approx(min(r["score"] for r in brushes))
         else:
             [region] = brushes
             _check_brush(region, image, ["Object"])

@@ -166,8 +166,8 @@ def test_explanation_schema_and_arithmetic(pipeline, dog_index):
     for expression in EXPRESSIONS:
         result = pipeline.query(dog_index, expression)
         e = json.loads(json.dumps(result.explanation))  # JSON-clean
-        assert set(e) == {"expression", "text", "noun_phrase", "other_nouns", "relation", "direction", "pure",
-                          "chosen", "masks"}
+        assert set(e) == {"expression", "text", "noun_phrase", "other_nouns", "relation", "direction",
+                          "asks_for_set", "pure", "chosen", "masks"}
         assert len(e["masks"]) == len(dog_index)
         records = e["masks"]
         assert [r["index"] for r in records] == list(range(len(dog_index)))

@@ -12,7 +12,6 @@ import logging
 import re
 import time
 from dataclasses import dataclass
-from statistics import mean
 
 import httpx
 import numpy as np
@@ -209,19 +208,16 @@ def predict(payload: dict) -> dict:
         index, source = _index(rt, rgb, task_id, need_embedding=bool(payload.get("clicks")),
                                keep_embedding=config.interactive)
         pipeline = rt.pipeline
-        results, scores = [], []
-        for item in payload.get("expressions", []):
-            try:
-                answer = pipeline.query(index, item["text"])
-            except ValueError as exc:  # empty/over-long expression, no region
-                raise _fail(f"task {task_id}: {exc}") from None
-            results += region_results(answer.mask, item.get("label"), config, score=answer.score)
-            scores.append(answer.score)
+        try:
+            regions = answer_expressions(pipeline, index, config, payload.get("expressions", []))
+        except ValueError as exc:  # empty/over-long expression, no region
+            raise _fail(f"task {task_id}: {exc}") from None
+        results = regions.results
         if payload.get("clicks"):
             mask, label, score = _refine(rt, index, payload)
             results += region_results(mask, label, config, score=score)
-            scores.append(score)
-        pred = prediction(results, float(mean(scores)) if scores else 0.0, pipeline.model_version)
+            regions.scores.append(score)
+        pred = prediction(results, regions.score, pipeline.model_version)
         _deliver(rt, payload, pred, client)
         if client is not None:
             q.clear_problem(rt.conn, LABEL_STUDIO_PROBLEM)  # reached it (image or prediction): not down
@@ -243,7 +239,66 @@ def predict(payload: dict) -> dict:
         queue_name = job.origin if job is not None else "direct"
         _count(rt, task_id, f"job_seconds_sum:{queue_name}", time.perf_counter() - started)
         _count(rt, task_id, f"job_count:{queue_name}")
-    return {"task_id": task_id, "prediction": pred, "index": source}
+    return {"task_id": task_id, "prediction": pred, "index": source, "thresholds": regions.thresholds}
+
+
+@dataclass
+class Regions:
+    """A task's regions (Label Studio results) and what scores and explains them."""
+
+    results: list[dict]
+    scores: list[float]  # one per region
+    doubt: float | None  # confidence of the least sure "absent" decision of the set answers
+    thresholds: dict  # label or expression -> instance threshold in force (set answers only)
+
+    @property
+    def score(self) -> float:
+        """The prediction's score: its least confident region, so that sorting the Data Manager by
+        prediction score shows the doubtful tasks first; without regions, the confidence that
+        nothing was missed (1 - the highest probability a rejected proposal had), else 1."""
+        if self.scores:
+            return float(min(self.scores))
+        return float(self.doubt) if self.doubt is not None else 1.0
+
+
+def answer_expressions(pipeline, index, config, items: list[dict]) -> Regions:
+    """Label names and plural expressions ("all the cars") get every instance, in one classification
+    of the image's proposals among all of them and the config's other labels; other expressions
+    get HybridGL's single choice (after the sets' regions). Raises ValueError (bad expression, no region) with the reason."""
+    labels = {label.casefold(): label for label in config.labels}
+    sets, singles = [], []
+    for item in items:
+        text = item["text"]
+        if text.strip().casefold() in labels or pipeline.parse(text).asks_for_set:
+            sets.append(item)
+        else:
+            singles.append(item)
+    out = Regions([], [], None, {})
+    default = pipeline.settings.instance_threshold
+    if sets:
+        targets = [item["text"] for item in sets]
+        # The targets' own labels are not competitors: "all the cars" labelled car must not split with "car".
+        asked = {str(item.get("label") or item["text"]).strip().casefold() for item in sets}
+        others = [label for label in config.labels if label.strip() and label.casefold() not in asked]
+        thresholds = []
+        for item in sets:
+            own = config.threshold_for(item.get("label")) if item.get("label") else None
+            if own is None:
+                own = config.threshold_for(labels.get(item["text"].strip().casefold()))
+            thresholds.append(default if own is None else own)
+        answer = pipeline.instances(index, targets, others, thresholds)
+        out.thresholds = dict(zip(targets, thresholds))
+        out.doubt = answer.doubt
+        for found in answer.instances:
+            item = sets[found.target]
+            out.results += region_results(index.masks[found.index].numpy(), item.get("label"), config,
+                                          score=found.score)
+            out.scores.append(found.score)
+    for item in singles:
+        answer = pipeline.query(index, item["text"])
+        out.results += region_results(answer.mask, item.get("label"), config, score=answer.score)
+        out.scores.append(answer.score)
+    return out
 
 
 def _count(rt: Runtime, task_id, name: str, amount: float = 1) -> None:
