@@ -1,4 +1,4 @@
-"""``hybridgl evaluate`` instance mode: every instance of each label, measured (issue 13).
+"""``hybridgl evaluate`` instance mode: every instance of each label, measured.
 
 Two sources of truth, the same measures:
 
