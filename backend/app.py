@@ -254,7 +254,9 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
                 if handed != delivery.ANSWER:
                     continue
                 answer = ledger.answer(spec.job_id)  # it ended as the budget ran out
-            if answer and answer["result"] and ledger.take(key, spec.job_id, view):
+            # An answer without regions (no instance of any label) is delivered too: it is the task's
+            # prediction ("nothing here", with its score), as the worker writes it after a hand-off.
+            if answer and ledger.take(key, spec.job_id, view):
                 entries[i] = answer
         return entries
 

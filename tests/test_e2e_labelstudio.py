@@ -22,6 +22,9 @@ from .services import DATA, REPO, service_env, start_backend, start_worker, wait
 
 CONFIGS = {p.stem: p.read_text() for p in sorted((REPO / "label_config").glob("*.xml"))}
 PHOTOS = ("dog.jpg", "groceries.jpg")
+# Singular referring expressions, one per photo: HybridGL's single choice (a plural such as "the groceries"
+# asks for every instance instead, see worker/hybridgl/instances.py).
+PROMPTS = {"dog.jpg": "the dog", "groceries.jpg": "the bag of groceries"}
 SIZES = {"dog.jpg": (534, 800), "groceries.jpg": (534, 800)}  # (H, W); variants made by tests are added
 
 
@@ -87,7 +90,7 @@ def _model_version(url: str) -> str:
 @pytest.mark.parametrize("config_name", sorted(CONFIGS))
 def test_retrieve_predictions_gives_one_prediction_per_task(ls, stack, redis_url, config_name):
     images = list(PHOTOS)
-    tasks = [{"image": ls.local_files_url(name), "prompt": f"the {name.split('.')[0]}"} for name in images]
+    tasks = [{"image": ls.local_files_url(name), "prompt": PROMPTS[name]} for name in images]
     if config_name == "label_names":
         tasks = [{"image": ls.local_files_url(name)} for name in images]
     project, _, ids = _project(ls, config_name, CONFIGS[config_name], tasks, stack["url"])
