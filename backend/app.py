@@ -21,9 +21,12 @@ from rq.exceptions import NoSuchJobError
 from rq.job import Job
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from backend import delivery
+from backend import jobspec as js
 from backend import queue as q
 from backend.config import ServeSettings
 from backend.labeling import LabelConfigError, LabelingConfig, parse_label_config
+from backend.labelstudio import prediction_versions
 from backend.prompts import PredictionRequest, PromptError, build_request
 from backend.protocol import (
     ErrorResponse,
@@ -39,8 +42,6 @@ from backend.protocol import (
 
 log = logging.getLogger("hybridgl.backend")
 PROVISIONAL_VERSION = "hybridgl-waiting-for-worker"
-PREDICT_JOB = "worker.jobs.predict"
-WARM_JOB = "worker.jobs.warm"
 
 
 class ApiError(Exception):
@@ -56,6 +57,7 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
     # /health must stay fast even when Redis hangs: its own connection with short timeouts.
     health_conn = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=0.3, socket_timeout=0.3)
     jobs = q.JobQueue(conn, settings.job_timeout, settings.result_ttl, settings.job_retries)
+    ledger = delivery.Ledger(conn, settings.result_ttl)
     app = FastAPI(title="HybridGL ML backend for Label Studio", version="0.1.0",
                   description="Text-prompted segmentation (HybridGL: SAM + CLIP) served to Label Studio.",
                   responses={401: {"model": ErrorResponse}, 422: {"model": ErrorResponse},
@@ -181,13 +183,13 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
             return {"results": [_interactive(body, config, context)]}
         return {"results": _batch(body, config)}
 
-    def _payload(req: PredictionRequest, body: PredictRequest, deliver: str) -> dict[str, Any]:
-        return {
-            "task_id": req.task_id, "project": body.project, "image": req.image, "label_config": body.label_config,
-            "expressions": [{"text": e.text, "label": e.label} for e in req.expressions],
-            "clicks": [{"x": c.x, "y": c.y, "positive": c.positive, "label": c.label} for c in req.clicks],
-            "deliver": deliver,
-        }
+    def _prediction_job(req: PredictionRequest, body: PredictRequest, config: LabelingConfig, digest: str,
+                        version: str, interactive: bool) -> js.JobSpec:
+        return js.prediction_job(
+            model_version=version, project=body.project, task_id=req.task_id, image=req.image,
+            expressions=[{"text": e.text, "label": e.label} for e in req.expressions],
+            clicks=[{"x": c.x, "y": c.y, "positive": c.positive, "label": c.label} for c in req.clicks],
+            config=config, config_digest=digest, interactive=interactive, origin="web")
 
     def _interactive(body: PredictRequest, config: LabelingConfig, context: dict) -> Any:
         req = build_request(body.tasks[0], context, config, label_names_as_prompts=settings.label_names_policy())
@@ -196,10 +198,8 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
                 raise ApiError(422, f"task {req.task_id}: the prompt is empty (nothing but spaces): type what to "
                                     "segment, e.g. \"the dog on the left\"")
             return []
-        payload = _payload(req, body, "return")
-        job_id = q.job_id_for("interactive", model_version(), body.project, req.task_id, payload["expressions"],
-                              payload["clicks"])
-        job = jobs.enqueue(q.INTERACTIVE, PREDICT_JOB, payload, job_id, f"interactive task {req.task_id}")
+        digest = js.store_label_config(conn, body.label_config)
+        job = jobs.enqueue(_prediction_job(req, body, config, digest, model_version(), interactive=True))
         outcome = jobs.wait([job.id], time.monotonic() + settings.interactive_timeout)[job.id]
         if outcome.status == "finished":
             return outcome.value["prediction"]
@@ -210,9 +210,13 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
                             "busy or none is running; see GET /health and GET /jobs/" + job.id)
 
     def _batch(body: PredictRequest, config: LabelingConfig) -> list[Any]:
+        """One entry per task: its prediction when this response is the one that delivers it (the
+        ledger decides), else an empty list; jobs that outlive the budget are handed off to their worker."""
         entries: list[Any] = [[] for _ in body.tasks]
-        waiting: dict[int, str] = {}
+        waiting: dict[int, js.JobSpec] = {}
         version = model_version()
+        view = ledger.view(jobs.job_lifetime)  # the body's tasks are Label Studio's view as of now
+        digest: str | None = None
         for i, task in enumerate(body.tasks):
             try:
                 req = build_request(task, None, config, label_names_as_prompts=settings.label_names_policy())
@@ -224,28 +228,32 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
                 if config.interactive and settings.warm_on_open and req.image:
                     _warm(req.image, req.task_id, body.project)
                 continue
-            payload = _payload(req, body, "claim")
-            job_id = q.job_id_for("predict", version, body.project, req.task_id, payload["expressions"])
-            waiting[i] = jobs.enqueue(q.BATCH, PREDICT_JOB, payload, job_id, f"predict task {req.task_id}").id
-        outcomes = jobs.wait(waiting.values(), time.monotonic() + settings.batch_budget)
-        for i, job_id in waiting.items():
-            outcome = outcomes[job_id]
-            if outcome.status == "pending" and q.claim(conn, job_id, q.CLAIM_WORKER) == q.CLAIM_WEB:
-                outcome = jobs.outcome(job_id)  # it finished as the budget ran out: ours to return
-            if outcome.status == "pending":
-                q.count(conn, "tasks_handed_off")
-                continue  # the job writes its prediction to Label Studio when it finishes
+            if version in prediction_versions(task):
+                continue  # Label Studio has this task's prediction already
+            digest = digest or js.store_label_config(conn, body.label_config)
+            waiting[i] = _prediction_job(req, body, config, digest, version, interactive=False)
+            jobs.enqueue(waiting[i])
+        outcomes = jobs.wait([spec.job_id for spec in waiting.values()], time.monotonic() + settings.batch_budget)
+        for i, spec in waiting.items():
+            key = delivery.entry_key(body.project, spec.payload["task_id"], version)
+            outcome = outcomes[spec.job_id]
+            answer = outcome.value["prediction"] if outcome.status == "finished" else None
             if outcome.status == "failed":
-                log.warning("task %s failed: %s (job %s)", body.tasks[i].get("id"), outcome.error, job_id)
+                log.warning("task %s failed: %s (job %s)", body.tasks[i].get("id"), outcome.error, spec.job_id)
                 continue
-            if q.claim(conn, job_id, q.CLAIM_WEB) == q.CLAIM_WEB and outcome.value["prediction"]["result"]:
-                entries[i] = outcome.value["prediction"]
+            if outcome.status == "pending":
+                handed = ledger.hand_off(key, spec.job_id, view)
+                if handed == delivery.HANDED:
+                    q.count(conn, "tasks_handed_off")  # its worker writes the prediction when the job ends
+                if handed != delivery.ANSWER:
+                    continue
+                answer = ledger.answer(spec.job_id)  # it ended as the budget ran out
+            if answer and answer["result"] and ledger.take(key, spec.job_id, view):
+                entries[i] = answer
         return entries
 
     def _warm(image: str, task_id: Any, project: str | None) -> None:
-        job_id = q.job_id_for("warm", image, project)
-        jobs.enqueue(q.WARMUP, WARM_JOB, {"task_id": task_id, "project": project, "image": image}, job_id,
-                     f"warm-up task {task_id}")
+        jobs.enqueue(js.warm_job(project=project, task_id=task_id, image=image))
 
     @app.post("/webhook", response_model=WebhookResponse)
     def webhook(body: WebhookRequest):
@@ -325,15 +333,15 @@ def render_metrics(conn: redis.Redis, jobs: q.JobQueue) -> str:
     metric("hybridgl_queue_depth", "gauge", "Jobs waiting per queue.",
            [({"queue": name}, float(n)) for name, n in jobs.depths().items()])
     metric("hybridgl_jobs_running", "gauge", "Jobs being run per queue.",
-           [({"queue": n}, float(StartedJobRegistry(n, connection=conn).count)) for n in q.QUEUES])
+           [({"queue": n}, float(StartedJobRegistry(n, connection=conn).count)) for n in js.QUEUES])
     metric("hybridgl_jobs_failed", "gauge", "Failed jobs kept per queue (see /jobs/{id} for reasons).",
-           [({"queue": n}, float(FailedJobRegistry(n, connection=conn).count)) for n in q.QUEUES])
+           [({"queue": n}, float(FailedJobRegistry(n, connection=conn).count)) for n in js.QUEUES])
     metric("hybridgl_workers", "gauge", "Workers alive (heartbeat within a minute).",
            [({}, float(len(q.live_workers(conn))))])
     metric("hybridgl_job_seconds_sum", "counter", "Seconds spent in jobs per queue.",
-           [({"queue": n}, counters.get(f"job_seconds_sum:{n}", 0.0)) for n in q.QUEUES])
+           [({"queue": n}, counters.get(f"job_seconds_sum:{n}", 0.0)) for n in js.QUEUES])
     metric("hybridgl_job_seconds_count", "counter", "Jobs run per queue.",
-           [({"queue": n}, counters.get(f"job_count:{n}", 0.0)) for n in q.QUEUES])
+           [({"queue": n}, counters.get(f"job_count:{n}", 0.0)) for n in js.QUEUES])
     metric("hybridgl_index_lookups_total", "counter", "Image-index lookups by where the index came from.",
            [({"source": s}, counters.get(f"index_{s}", 0.0)) for s in ("memory", "redis", "built")])
     for name, key, help_text in (

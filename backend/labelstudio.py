@@ -144,6 +144,12 @@ class FetchPolicy:
         if self.timeout <= 0:
             raise ValueError(f"the image fetch timeout must be positive, got {self.timeout}")
 
+    @classmethod
+    def from_settings(cls, s) -> "FetchPolicy":
+        """The operator's policy (a ``backend.config.ServeSettings``), for workers and prelabel alike."""
+        return cls(allowed_hosts=s.allowed_hosts, max_bytes=s.image_max_bytes, allow_private=s.image_allow_private,
+                   timeout=s.image_fetch_timeout)
+
     def allows_host(self, host: str, port: int | None) -> bool:
         host = _norm_host(host)
         for entry in self.allowed_hosts:

@@ -1,17 +1,19 @@
 """`hybridgl prelabel --project ID`: pre-label a Label Studio project through the workers.
 
 Pages through the project's tasks, skips those that already have a prediction of the workers'
-model_version, enqueues one ``batch`` job per remaining task with ``deliver="write"`` (the worker
-writes the prediction to Label Studio itself, after checking again that the task has none of
-that version), then follows the jobs to the end with a progress bar and prints a summary.
+model_version, enqueues one ``batch`` job per remaining task (the same job, built by
+``backend.jobspec``, that /predict would enqueue for it: they join each other) and hands each task
+off to its job in the delivery ledger (``backend.delivery``): the worker writes the prediction,
+unless a /predict response delivered it first. A job that had already finished has its answer
+written by this command. Then it follows the jobs to the end with a progress bar and prints a summary.
 
 Safe to interrupt and re-run at any point:
-- job ids are deterministic (``job_id_for("prelabel", model_version, project, task, expressions)``),
-  so a re-run joins the jobs still queued or running instead of enqueuing them again;
+- job ids are deterministic, so a re-run joins the jobs still queued or running instead of
+  enqueuing them again;
 - tasks whose prediction was written are skipped by the re-run (Label Studio is the record);
 - a job that vanished from Redis (a restart without persistence, an expired record) is
   re-enqueued, by a re-run and while following the jobs;
-- the worker checks for an existing prediction of its model_version just before writing.
+- the ledger lets one party deliver each task's prediction, whoever else asks at the same time.
 Throughput grows with the workers: any ``hybridgl worker`` on any host that reaches the same
 Redis takes jobs from the ``batch`` queue.
 
@@ -35,14 +37,14 @@ import redis
 from rq.job import Job, JobStatus
 from rq.results import Result
 
+from backend import delivery
+from backend import jobspec as js
 from backend import queue as q
 from backend.config import ServeSettings
 from backend.labeling import LabelConfigError, LabelingConfig, parse_label_config
 from backend.labelstudio import FetchPolicy, LabelStudioClient, LabelStudioError, client_from, prediction_versions
 from backend.prompts import PromptError, build_request
 
-PREDICT_JOB = "worker.jobs.predict"  # as backend.app enqueues it (not imported: it pulls in FastAPI)
-DELIVER_WRITE = "write"
 EXIT_OK, EXIT_FAILED, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
 POLL_SECONDS = 1.0  # how long one wait for outcomes blocks before the bar is refreshed
 WINDOW = 256  # jobs watched at once (oldest first: workers take them in that order)
@@ -51,7 +53,6 @@ WORKER_CHECK_SECONDS = 15.0
 REDIS_PATIENCE_SECONDS = 120.0
 ALREADY = "already predicted with {version}"
 RUNNING = (JobStatus.QUEUED, JobStatus.STARTED, JobStatus.DEFERRED, JobStatus.SCHEDULED)
-LIVE = (JobStatus.QUEUED, JobStatus.STARTED, JobStatus.DEFERRED, JobStatus.SCHEDULED, JobStatus.FINISHED)
 NOTHING = "nothing to segment (no prompt in the task, and label names are not used as prompts)"
 
 
@@ -187,9 +188,13 @@ def _general(reason: str, task_id: Any) -> str:
 @dataclass
 class Planned:
     task_id: int
-    payload: dict
-    job_id: str
+    spec: js.JobSpec
+    view: delivery.View  # when this task's state was read from Label Studio
     requeues: int = 0
+
+    @property
+    def job_id(self) -> str:
+        return self.spec.job_id
 
 
 class Prelabel:
@@ -200,6 +205,7 @@ class Prelabel:
         self.client = client
         self.conn = conn
         self.jobs = q.JobQueue(conn, settings.job_timeout, settings.result_ttl, settings.job_retries)
+        self.ledger = delivery.Ledger(conn, settings.result_ttl)
         self.out = out or sys.stdout
         self.err = err or sys.stderr
         self.project_id = int(args.project)
@@ -256,7 +262,9 @@ class Prelabel:
         seen: set[int] = set()
         to_predict = 0
         policy = self.settings.label_names_policy()
+        digest: str | None = None
         for task in self.client.tasks(self.project_id, task_ids=args.tasks):
+            view = self.ledger.view(self.jobs.job_lifetime)  # this task's predictions were read just now
             task_id = task.get("id")
             if wanted is not None and task_id not in wanted:
                 continue
@@ -279,17 +287,20 @@ class Prelabel:
             if not req.expressions:
                 tally.skipped[NOTHING] += 1
                 continue
-            expressions = [{"text": e.text, "label": e.label} for e in req.expressions]
-            payload = {"task_id": req.task_id, "project": f"{self.project_id}", "image": req.image,
-                       "label_config": label_config, "expressions": expressions, "clicks": [],
-                       "deliver": DELIVER_WRITE}
-            job_id = q.job_id_for("prelabel", self.version, self.project_id, req.task_id, expressions)
+            if args.dry_run:
+                digest = digest or js.config_text_digest(label_config)  # nothing is stored by a dry run
+            else:
+                digest = digest or js.store_label_config(self.conn, label_config)
+            spec = js.prediction_job(
+                model_version=self.version, project=f"{self.project_id}", task_id=req.task_id, image=req.image,
+                expressions=[{"text": e.text, "label": e.label} for e in req.expressions], clicks=[],
+                config=config, config_digest=digest, interactive=False, origin="prelabel")
             if args.limit is not None and to_predict >= args.limit:
                 tally.limit_reached = True  # this task and the ones after it are for the next run
                 tally.considered -= 1
                 break
             to_predict += 1
-            yield Planned(req.task_id, payload, job_id)
+            yield Planned(req.task_id, spec, view)
         if wanted is not None and not tally.limit_reached:
             for task_id in sorted(wanted - seen):
                 tally.fail(task_id, f"task {task_id}: no such task in project {self.project_id}")
@@ -297,28 +308,29 @@ class Prelabel:
     # ---- enqueueing
 
     def submit(self, item: Planned) -> None:
-        """Enqueue the task's job, or join the live job of an earlier run."""
-        status = self._status(item.job_id)
-        if status == JobStatus.FINISHED and not self.client.has_prediction(item.task_id, self.version):
-            status = JobStatus.FAILED  # finished, yet no prediction of this version: deleted since; predict again
-        if status in LIVE:
-            self.tally.joined += 1
-        else:
-            # A new job; one that failed (or stopped) before is run again, without its old result, which
-            # would otherwise read as this run's outcome.
-            self._forget(item.job_id)
-            self.tally.enqueued += 1
+        """Enqueue the task's job (or join the live one of an earlier run, or of /predict) and hand the
+        task off to it; a job that finished already has its answer written here."""
+        joined = self._status(item.job_id) in q.LIVE
         if self.tally.first_enqueue is None:
             self.tally.first_enqueue = time.monotonic()
-        self.jobs.enqueue(q.BATCH, PREDICT_JOB, item.payload, item.job_id, f"prelabel task {item.task_id}")
+        self.jobs.enqueue(item.spec)
+        if joined:
+            self.tally.joined += 1
+        else:
+            self.tally.enqueued += 1
+        key = self._entry(item)
+        handed = self.ledger.hand_off(key, item.job_id, item.view)
+        if handed == delivery.ANSWER:  # finished before: its worker did not see the hand-off
+            answer = self.ledger.answer(item.job_id)
+            if answer is not None and self.ledger.take(key, item.job_id, item.view, writing=True):
+                if not self.client.has_prediction(item.task_id, answer["model_version"]):
+                    self.client.create_prediction(item.task_id, answer["result"], answer.get("score"),
+                                                  answer["model_version"])
+                self.ledger.written(key, item.job_id)
         self.watch[item.job_id] = item
 
-    def _forget(self, job_id: str) -> None:
-        try:
-            Job.fetch(job_id, connection=self.conn).delete()
-        except Exception:  # noqa: BLE001 - no such job
-            pass
-        self.conn.delete(Result.get_key(job_id))
+    def _entry(self, item: Planned) -> str:
+        return delivery.entry_key(self.project_id, item.task_id, str(self.version))
 
     def _status(self, job_id: str):
         try:
@@ -402,8 +414,8 @@ class Prelabel:
         self.tally.requeued += 1
         if item.requeues == 1 and self.tally.requeued == 1:
             bar.write("jobs vanished from Redis (restarted without persistence?): enqueuing them again")
-        self._forget(item.job_id)
-        self.jobs.enqueue(q.BATCH, PREDICT_JOB, item.payload, item.job_id, f"prelabel task {item.task_id}")
+        self.jobs.enqueue(item.spec)
+        self.ledger.hand_off(self._entry(item), item.job_id, self.ledger.view(self.jobs.job_lifetime))
         return True
 
     # ---- the whole run
@@ -523,8 +535,7 @@ def run(args: argparse.Namespace) -> int:
     """Run `hybridgl prelabel` with parsed arguments; returns the exit code."""
     try:
         settings = ServeSettings.from_env()
-        policy = FetchPolicy(allowed_hosts=settings.allowed_hosts, max_bytes=settings.image_max_bytes,
-                             allow_private=settings.image_allow_private)
+        policy = FetchPolicy.from_settings(settings)
         client = client_from(settings.label_studio_url or None, settings.label_studio_api_key or None, policy=policy)
         if client is None:
             raise PrelabelError("Label Studio's address or token is not set: set LABEL_STUDIO_URL and "

@@ -1,14 +1,8 @@
-"""RQ queues, job hand-off and the shared state web and workers keep in Redis.
+"""RQ queues, enqueueing and waiting, and the shared state web and workers keep in Redis.
 
 Jobs are enqueued by dotted name (``worker.jobs.predict``), so this module, like the whole web
-process, never imports the worker's code or torch.
-
-Delivery of a /predict job is decided exactly once per job with one Redis key, ``claim``:
-- the job, once its result is stored, sets it to ``web`` if it is still unset: the waiting web
-  request (or the next /predict of the same task) returns the result;
-- the web request, when its budget runs out, sets it to ``worker`` if still unset: the job then
-  writes its prediction to Label Studio itself.
-Whichever ``SET NX`` lands first decides; the loser reads the value and acts on it.
+process, never imports the worker's code or torch. What a job is (name, payload, id) is decided in
+``backend.jobspec``; who delivers a task's prediction in ``backend.delivery``.
 """
 
 from __future__ import annotations
@@ -21,39 +15,30 @@ from typing import Any, Iterable
 
 import redis
 from rq import Queue, Retry
-from rq.exceptions import NoSuchJobError
+from rq.exceptions import DuplicateJobError, NoSuchJobError
 from rq.job import Job, JobStatus
+from rq.registry import CanceledJobRegistry, FailedJobRegistry
 from rq.results import Result
 
-PREFIX = "hybridgl"
-INTERACTIVE, BATCH, WARMUP = "interactive", "batch", "warmup"
-QUEUES = (INTERACTIVE, BATCH, WARMUP)
-CLAIM_WEB, CLAIM_WORKER = "web", "worker"
-CLAIM_TTL = 24 * 3600
+from backend.jobspec import BATCH, INTERACTIVE, PREFIX, QUEUES, WARMUP, JobSpec  # noqa: F401 - re-exported
+
 RETRY_INTERVALS = [2, 10, 30, 60]  # seconds before each retry; later ones wait as long as the last
 HEARTBEATS_TO_DEATH = 3  # a worker silent for this many heartbeat intervals is taken as dead
+# A job that ended without an answer (failed, stopped, canceled) is replaced by the next enqueue of its id.
+_DISCARD_ENDED = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status == 'failed' or status == 'stopped' or status == 'canceled' then
+  redis.call('DEL', KEYS[1], KEYS[2])
+  for i = 3, #KEYS do redis.call('ZREM', KEYS[i], ARGV[1]) end
+  return 1
+end
+return 0
+"""
+LIVE = (JobStatus.QUEUED, JobStatus.STARTED, JobStatus.DEFERRED, JobStatus.SCHEDULED, JobStatus.FINISHED)
 
 
 def connect(url: str) -> redis.Redis:
     return redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=10, health_check_interval=30)
-
-
-def claim_key(job_id: str) -> str:
-    return f"{PREFIX}:claim:{job_id}"
-
-
-def claim(conn: redis.Redis, job_id: str, who: str) -> str:
-    """Set the delivery route if unset; return the route in force."""
-    if conn.set(claim_key(job_id), who, nx=True, ex=CLAIM_TTL):
-        return who
-    value = conn.get(claim_key(job_id))
-    return value.decode() if value else who
-
-
-def job_id_for(kind: str, *parts: Any) -> str:
-    """Deterministic job ids: the same request for the same task joins the job already running."""
-    digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
-    return f"{kind}-{digest}"
 
 
 @dataclass
@@ -72,21 +57,41 @@ class JobQueue:
         self.retries = retries
         self.queues = {name: Queue(name, connection=conn) for name in QUEUES}
 
-    def enqueue(self, queue: str, func: str, payload: dict, job_id: str, description: str) -> Job:
-        """Enqueue unless a live job with this id exists (then return that one)."""
-        try:
-            job = Job.fetch(job_id, connection=self.conn)
-            if job.get_status(refresh=False) in (JobStatus.QUEUED, JobStatus.STARTED, JobStatus.DEFERRED,
-                                                 JobStatus.SCHEDULED, JobStatus.FINISHED):
-                return job
-        except NoSuchJobError:
-            pass
-        self.conn.delete(claim_key(job_id))
-        return self.queues[queue].enqueue(
-            func, payload, job_id=job_id, description=description, job_timeout=self.job_timeout,
-            result_ttl=self.result_ttl, failure_ttl=self.result_ttl,
-            retry=Retry(max=self.retries, interval=RETRY_INTERVALS[: self.retries]) if self.retries else None,
-        )
+    @property
+    def job_lifetime(self) -> float:
+        """The longest a started job can take, retries and their waits included."""
+        waits = sum(RETRY_INTERVALS[: self.retries]) + RETRY_INTERVALS[-1] * max(0, self.retries - len(RETRY_INTERVALS))
+        return self.job_timeout * (self.retries + 1) + waits
+
+    def enqueue(self, spec: JobSpec) -> Job:
+        """Enqueue ``spec`` unless a live job with its id exists (then return that one).
+
+        Callers racing on one id get one job: RQ's unique enqueue is atomic, and the loser joins the
+        winner's job. A job that ended without an answer is discarded (atomically, only while it is
+        still ended) and enqueued again.
+        """
+        for _ in range(5):
+            try:
+                job = Job.fetch(spec.job_id, connection=self.conn)
+                if job.get_status(refresh=False) in LIVE:
+                    return job
+                self._discard_ended(spec.job_id)
+            except NoSuchJobError:
+                pass
+            try:
+                return self.queues[spec.queue].enqueue(
+                    spec.func, spec.payload, job_id=spec.job_id, description=spec.description, unique=True,
+                    job_timeout=self.job_timeout, result_ttl=self.result_ttl, failure_ttl=self.result_ttl,
+                    retry=Retry(max=self.retries, interval=RETRY_INTERVALS[: self.retries]) if self.retries else None)
+            except DuplicateJobError:
+                continue  # another caller enqueued it first: join that job
+        raise RuntimeError(f"job {spec.job_id} kept changing while being enqueued")
+
+    def _discard_ended(self, job_id: str) -> None:
+        failed = [FailedJobRegistry(n, connection=self.conn).key for n in QUEUES]
+        canceled = [CanceledJobRegistry(n, connection=self.conn).key for n in QUEUES]
+        self.conn.eval(_DISCARD_ENDED, 2 + len(failed) + len(canceled), Job.key_for(job_id), Result.get_key(job_id),
+                       *failed, *canceled, job_id)
 
     def wait(self, job_ids: Iterable[str], deadline: float) -> dict[str, JobOutcome]:
         """Block until every job has an outcome or ``deadline`` (time.monotonic) passes.
@@ -161,13 +166,20 @@ def worker_key(name: str) -> str:
     return f"{PREFIX}:worker:{name}"
 
 
+def redis_now(conn: redis.Redis) -> float:
+    """Redis's clock: liveness is compared on one clock, whatever the hosts' clocks say."""
+    seconds, micros = conn.time()
+    return seconds + micros / 1e6
+
+
 def register_worker(conn: redis.Redis, name: str, info: dict, heartbeat: float) -> None:
     """(Re)register a live worker; it counts as dead unless renewed within HEARTBEATS_TO_DEATH heartbeats."""
     ttl = heartbeat * HEARTBEATS_TO_DEATH
+    now = redis_now(conn)
     with conn.pipeline(transaction=False) as pipe:
         pipe.set(worker_key(name), json.dumps(info), px=max(1, int(ttl * 1000)))
-        pipe.zadd(WORKERS_KEY, {name: time.time() + ttl})
-        pipe.zremrangebyscore(WORKERS_KEY, 0, time.time() - 24 * 3600)  # long-gone workers
+        pipe.zadd(WORKERS_KEY, {name: now + ttl})
+        pipe.zremrangebyscore(WORKERS_KEY, 0, now - 24 * 3600)  # long-gone workers
         pipe.set(MODEL_VERSION_KEY, info["model_version"])
         pipe.execute()
 
@@ -180,7 +192,17 @@ def unregister_worker(conn: redis.Redis, name: str) -> None:
 
 
 def live_workers(conn: redis.Redis) -> list[dict]:
-    return _worker_infos(conn, conn.zrangebyscore(WORKERS_KEY, time.time(), "+inf"))
+    with conn.pipeline(transaction=False) as pipe:
+        pipe.time()
+        pipe.zrange(WORKERS_KEY, 0, -1, withscores=True)
+        now, entries = pipe.execute()
+    return _worker_infos(conn, _alive(now, entries))
+
+
+def _alive(now: tuple[int, int], entries: list[tuple[bytes, float]]) -> list[bytes]:
+    """Names whose registration expires after Redis's ``now`` (the set holds only a day's workers)."""
+    seconds = now[0] + now[1] / 1e6
+    return [name for name, expires in entries if expires > seconds]
 
 
 def _worker_infos(conn: redis.Redis, names: list[bytes]) -> list[dict]:
@@ -271,7 +293,7 @@ PROBLEMS_KEY = f"{PREFIX}:problems"
 
 def report_problem(conn: redis.Redis, part: str, message: str, ttl: int) -> None:
     """Record that ``part`` is degraded; ``since`` keeps the first report of an ongoing problem."""
-    now = time.time()
+    now = redis_now(conn)
     since = None
     try:
         old = json.loads(conn.hget(PROBLEMS_KEY, part) or "{}")
@@ -290,12 +312,16 @@ def clear_problem(conn: redis.Redis, part: str) -> None:
 
 
 def problems(conn: redis.Redis) -> list[str]:
-    return _active_problems(conn.hgetall(PROBLEMS_KEY))
+    with conn.pipeline(transaction=False) as pipe:
+        pipe.time()
+        pipe.hgetall(PROBLEMS_KEY)
+        now, fields = pipe.execute()
+    return _active_problems(now, fields)
 
 
-def _active_problems(fields: dict) -> list[str]:
-    """Problems still in force, oldest first, each with the UTC time it began."""
-    now = time.time()
+def _active_problems(now_time: tuple[int, int], fields: dict) -> list[str]:
+    """Problems still in force at Redis's ``now_time``, oldest first, each with the UTC time it began."""
+    now = now_time[0] + now_time[1] / 1e6
     records = []
     for raw in fields.values():
         try:
@@ -321,17 +347,19 @@ class Snapshot:
 def snapshot(conn: redis.Redis) -> Snapshot:
     """What /health reports, read in one pipeline (plus one MGET of the live workers' infos)."""
     with conn.pipeline(transaction=False) as pipe:
-        pipe.zrangebyscore(WORKERS_KEY, time.time(), "+inf")
+        pipe.time()
+        pipe.zrange(WORKERS_KEY, 0, -1, withscores=True)
         for name in QUEUES:
             pipe.llen(Queue.redis_queue_namespace_prefix + name)
         pipe.get(MODEL_VERSION_KEY)
         pipe.smembers(WITHHELD_KEY)
         pipe.hgetall(PROBLEMS_KEY)
-        names, *rest = pipe.execute()
+        now, entries, *rest = pipe.execute()
+    names = _alive(now, entries)
     lengths, (version, withheld, problem_fields) = rest[:len(QUEUES)], rest[len(QUEUES):]
     return Snapshot(workers=_worker_infos(conn, names), depths=dict(zip(QUEUES, lengths)),
                     model_version=version.decode() if version else None,
-                    tokenless=sorted(m.decode() for m in withheld), problems=_active_problems(problem_fields))
+                    tokenless=sorted(m.decode() for m in withheld), problems=_active_problems(now, problem_fields))
 
 
 # --- metrics -------------------------------------------------------------------------------

@@ -19,6 +19,8 @@ import numpy as np
 import redis
 from rq import get_current_job
 
+from backend import delivery
+from backend import jobspec as js
 from backend import queue as q
 from backend.config import ServeSettings
 from backend.labeling import LabelConfigError, parse_label_config
@@ -32,9 +34,6 @@ log = logging.getLogger(__name__)
 # tokens) that our own messages leave out. Failures are reported, without them, by the job's reason.
 logging.getLogger("httpx").setLevel(logging.WARNING)
 
-DELIVER_RETURN = "return"  # interactive: the answer goes back in the HTTP response only
-DELIVER_CLAIM = "claim"  # /predict without context: return if the web still waits, else write
-DELIVER_WRITE = "write"  # prelabel: always write to Label Studio
 LAST_PROMPT_TTL = 24 * 3600
 LABEL_STUDIO_PROBLEM = "labelstudio"  # /health's entry while workers cannot reach Label Studio
 LABEL_STUDIO_PROBLEM_SECONDS = 300  # reported until a job reaches it again, or this long after the last failure
@@ -80,9 +79,7 @@ class Runtime:
                                  "workers")
 
     def fetch_policy(self) -> FetchPolicy:
-        s = self.settings
-        return FetchPolicy(allowed_hosts=s.allowed_hosts, max_bytes=s.image_max_bytes,
-                           allow_private=s.image_allow_private, timeout=s.image_fetch_timeout)
+        return FetchPolicy.from_settings(self.settings)
 
 
 class DeadlineTransport(httpx.BaseTransport):
@@ -197,8 +194,12 @@ def predict(payload: dict) -> dict:
     task_id = payload.get("task_id")
     client = None
     try:
+        label_config = js.load_label_config(rt.conn, str(payload.get("label_config_digest")))
+        if label_config is None:
+            raise _fail(f"task {task_id}: this job's label config is no longer in Redis (kept "
+                        f"{js.LABEL_CONFIG_TTL // 86400} days after its last use): ask for the prediction again")
         try:
-            config = parse_label_config(payload["label_config"])
+            config = parse_label_config(label_config)
         except LabelConfigError as exc:
             raise _fail(str(exc)) from None
         rgb, client = _load_task_image(rt, payload)
@@ -241,8 +242,11 @@ def predict(payload: dict) -> dict:
         _close(client)
         job = get_current_job()
         queue_name = job.origin if job is not None else "direct"
-        q.count(rt.conn, f"job_seconds_sum:{queue_name}", time.perf_counter() - started)
-        q.count(rt.conn, f"job_count:{queue_name}")
+        try:
+            q.count(rt.conn, f"job_seconds_sum:{queue_name}", time.perf_counter() - started)
+            q.count(rt.conn, f"job_count:{queue_name}")
+        except redis.RedisError as exc:  # a metric lost, never the job's own outcome (or its real failure)
+            log.warning("task %s: could not count the job in /metrics: %s", task_id, exc)
     return {"task_id": task_id, "prediction": pred, "index": source}
 
 
@@ -320,19 +324,22 @@ def _refine(rt: Runtime, index, payload: dict):
 
 
 def _deliver(rt: Runtime, payload: dict, pred: dict, client) -> None:
-    mode = payload.get("deliver", DELIVER_RETURN)
-    if mode == DELIVER_RETURN:
-        return
-    if mode == DELIVER_CLAIM:
-        job = get_current_job()
-        if job is None or q.claim(rt.conn, job.id, q.CLAIM_WEB) == q.CLAIM_WEB:
-            return  # the web request returns it
+    """Store the answer for the ledger; write it to Label Studio when the task was handed off to this job."""
+    job = get_current_job()
+    if payload.get("deliver") != js.Delivery.LEDGER.value or job is None:
+        return  # interactive: the answer goes back in the HTTP response only
+    key = delivery.entry_key(payload.get("project"), payload["task_id"], str(payload.get("model_version")))
+    ledger = delivery.Ledger(rt.conn, rt.settings.result_ttl)
+    if not ledger.finish(key, job.id, pred):
+        return  # a /predict response (or prelabel) delivers it, or already did
     write_prediction(client, payload["task_id"], pred)
+    ledger.written(key, job.id)
     q.count(rt.conn, "predictions_written")
 
 
 def write_prediction(client, task_id: int, pred: dict) -> None:
-    """Create the prediction unless this task already has one of this model version."""
+    """Create the prediction unless this task already has one of this model version (a write retried
+    after the worker died between the ledger's decision and Label Studio's answer)."""
     if client is None:
         raise _fail("cannot write the prediction: Label Studio's address or token is unknown; set LABEL_STUDIO_URL "
                     "and LABEL_STUDIO_API_KEY on the workers (see GET /health)")

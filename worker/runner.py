@@ -24,6 +24,7 @@ from rq import Queue, SimpleWorker
 from rq.executions import Execution
 from rq.registry import StartedJobRegistry
 from rq.scheduler import RQScheduler
+from rq.scripts import release_lock
 from rq.utils import parse_composite_key
 
 from backend import queue as q
@@ -63,6 +64,8 @@ def run_worker(serve: ServeSettings, method_settings, name: str | None = None, b
     # with its scheduler would stall every retry that long (and a forked child would outlive a SIGKILL
     # with a copy of the models' memory). Every worker runs RQ's scheduler logic in its housekeeping
     # thread instead: one holds the lock, and a dead worker's lock passes on when the reaper frees it.
+    # Every tick re-checks ownership (RQ 3's acquire_locks acquires or refreshes by owner, atomically), so
+    # a worker whose lock was taken over stops moving due retries; release_locks frees only its own.
     scheduler = RQScheduler(list(q.QUEUES), connection=conn, name=name)
 
     def housekeeping() -> None:
@@ -138,7 +141,7 @@ def reap_dead_workers_jobs(conn: redis.Redis) -> list[str]:
         key = RQScheduler.get_locking_key(queue_name)
         holder = conn.get(key)
         if holder and holder.decode() not in alive:
-            conn.delete(key)
+            release_lock(conn, key, holder.decode())  # only if still the dead one's: a live taker keeps it
     for worker_name, job_ids in dead_workers.items():
         log.warning("worker %s stopped heartbeating while running %s: retried (or failed when out of retries)",
                     worker_name, ", ".join(job_ids))

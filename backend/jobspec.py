@@ -1,0 +1,117 @@
+"""What a job is: the one place that names the job functions and builds their payloads and ids.
+
+Every flow that asks for a prediction (/predict in either mode, the warm-up of a task open or a
+webhook, `hybridgl prelabel`) builds its job here, so that two flows asking for the same answer
+build the same job id and join one job instead of running (and delivering) it twice.
+
+A job id is a digest of everything that changes the answer: the kind of job, the model version,
+the project, the task, the image reference, the expressions and clicks, and the parts of the label
+config that shape the result (image tag, output tags with their names, types and labels). An edited
+task or config therefore never joins a job of the old one.
+
+The label config itself is not copied into every payload: it is stored once in Redis under the
+SHA-256 of its text (``label-config:<digest>``) and the payload carries the digest. Each use refreshes
+its TTL, which outlives a job's queueing, its run and its retries. Payloads hold only JSON types.
+
+Light like the rest of ``backend``: no torch, nothing from ``worker``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import redis
+
+from backend.labeling import LabelingConfig
+
+PREFIX = "hybridgl"
+PREDICT_JOB = "worker.jobs.predict"
+WARM_JOB = "worker.jobs.warm"
+INTERACTIVE, BATCH, WARMUP = "interactive", "batch", "warmup"
+QUEUES = (INTERACTIVE, BATCH, WARMUP)
+# A stored label config outlives any job that names it: a week covers a long prelabel queue plus retries.
+LABEL_CONFIG_TTL = 7 * 24 * 3600
+
+
+class Delivery(str, Enum):
+    """How a prediction job's answer reaches Label Studio."""
+
+    RETURN = "return"  # interactive: only in the HTTP response (a suggestion, not a saved prediction)
+    LEDGER = "ledger"  # a task's prediction: delivered once, as backend.delivery's ledger decides
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    queue: str
+    func: str
+    payload: dict
+    job_id: str
+    description: str
+
+
+def project_id(project: Any) -> str:
+    """Label Studio's project id: /predict sends '<id>.<created timestamp>', prelabel the bare id."""
+    return str(project).split(".", 1)[0] if project is not None else ""
+
+
+def config_text_digest(label_config: str) -> str:
+    return hashlib.sha256(label_config.encode()).hexdigest()
+
+
+def shaping_digest(config: LabelingConfig) -> str:
+    """Digest of what in a label config shapes a result: the image tag and the output tags (a header or
+    a colour changes nothing; a renamed tag or an added label does)."""
+    parts = [config.image_tag, config.image_key,
+             [[o.name, o.to_name, o.result_type, list(o.labels)] for o in config.outputs]]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+
+
+def label_config_key(digest: str) -> str:
+    return f"{PREFIX}:label-config:{digest}"
+
+
+def store_label_config(conn: redis.Redis, label_config: str) -> str:
+    """Keep the config under its digest (refreshing its TTL) and return the digest."""
+    digest = config_text_digest(label_config)
+    conn.set(label_config_key(digest), label_config, ex=LABEL_CONFIG_TTL)
+    return digest
+
+
+def load_label_config(conn: redis.Redis, digest: str) -> str | None:
+    """The stored config (its TTL refreshed), or None when it expired."""
+    value = conn.getex(label_config_key(digest), ex=LABEL_CONFIG_TTL)
+    return value.decode() if value is not None else None
+
+
+def _job_id(kind: str, parts: list) -> str:
+    digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    return f"{kind}-{digest}"
+
+
+def prediction_job(*, model_version: str | None, project: Any, task_id: Any, image: str | None,
+                   expressions: list[dict], clicks: list[dict], config: LabelingConfig, config_digest: str,
+                   interactive: bool, origin: str) -> JobSpec:
+    """The job that predicts one task, for every flow. ``origin`` only describes it (web, prelabel).
+
+    Interactive jobs (a typed prompt, clicks) return a suggestion; the others deliver the task's
+    prediction through the ledger, whichever flow enqueued them first.
+    """
+    delivery = Delivery.RETURN if interactive else Delivery.LEDGER
+    payload = {"task_id": task_id, "project": project, "image": image, "label_config_digest": config_digest,
+               "expressions": expressions, "clicks": clicks, "deliver": delivery.value,
+               "model_version": model_version}
+    kind = "interactive" if interactive else "predict"
+    job_id = _job_id(kind, [model_version, project_id(project), task_id, image, expressions, clicks,
+                            shaping_digest(config)])
+    return JobSpec(INTERACTIVE if interactive else BATCH, PREDICT_JOB, payload, job_id,
+                   f"{'interactive' if interactive else 'predict'} task {task_id} ({origin})")
+
+
+def warm_job(*, project: Any, task_id: Any, image: str) -> JobSpec:
+    """Build an image's index ahead of the first prompt (one job per image and project)."""
+    return JobSpec(WARMUP, WARM_JOB, {"task_id": task_id, "project": project, "image": image},
+                   _job_id("warm", [image, project_id(project)]), f"warm-up task {task_id}")
