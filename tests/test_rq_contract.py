@@ -1,0 +1,101 @@
+"""What worker/runner.py relies on in RQ (pinned in pyproject.toml), checked on the real RQ and Redis.
+
+A real RQ SimpleWorker process runs a job that holds until the test releases it (both wait on
+Redis lists, no sleeps): while it runs, the dead-worker reaper must read the worker's name where
+it looks for it. RQ's scheduler locks are owned: one holder at a time, refreshed by it, released
+only by it.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+
+import pytest
+import redis
+from rq import Queue, SimpleWorker
+from rq.executions import Execution
+from rq.registry import StartedJobRegistry
+from rq.scheduler import RQScheduler
+from rq.utils import parse_composite_key
+
+from backend import jobspec as js
+from backend import queue as q
+from worker.runner import reap_dead_workers_jobs
+
+WORKER = "contract-worker"
+
+
+def hold(started: str, release: str) -> str:
+    """The job: say it runs, then wait for the test's word."""
+    conn = redis.Redis.from_url(_URL[0])
+    conn.rpush(started, "1")
+    conn.blpop([release], timeout=60)
+    return "released"
+
+
+_URL: list[str] = []
+
+
+def _work(url: str) -> None:
+    _URL.append(url)
+    conn = redis.Redis.from_url(url)
+    SimpleWorker([Queue(js.BATCH, connection=conn)], connection=conn, name=WORKER).work(burst=True)
+
+
+@pytest.fixture
+def conn(redis_url):
+    connection = redis.Redis.from_url(redis_url)
+    connection.flushdb()
+    yield connection
+    connection.flushdb()
+
+
+def test_the_reaper_reads_the_running_workers_name(conn, redis_url):
+    job = Queue(js.BATCH, connection=conn).enqueue(hold, "contract:started", "contract:release", job_timeout=120)
+    worker = multiprocessing.get_context("spawn").Process(target=_work, args=(redis_url,))
+    worker.start()
+    try:
+        assert conn.blpop(["contract:started"], timeout=120), "the worker never started the job"
+        entries = conn.zrange(StartedJobRegistry(js.BATCH, connection=conn).key, 0, -1)
+        job_id, execution_id = parse_composite_key(entries[0].decode())
+        assert job_id == job.id
+        assert conn.hget(Execution(execution_id, job_id, conn).key, "worker_name") == WORKER.encode()
+        q.register_worker(conn, WORKER, {"name": WORKER, "model_version": "v1"}, heartbeat=60)
+        assert reap_dead_workers_jobs(conn) == []  # alive: its job is left alone
+        q.unregister_worker(conn, WORKER)
+        conn.delete(f"{js.PREFIX}:reaper")  # the reaper's own 5 s lock, so that it runs again now
+        assert reap_dead_workers_jobs(conn) == [job.id]  # its registration gone: the job is reaped
+    finally:
+        conn.rpush("contract:release", "1")
+        worker.join(120)
+    assert worker.exitcode == 0
+
+
+def test_scheduler_locks_have_one_owner_who_alone_releases_them(conn):
+    first = RQScheduler([js.BATCH], connection=conn, name="first")
+    second = RQScheduler([js.BATCH], connection=conn, name="second")
+    key = RQScheduler.get_locking_key(js.BATCH)
+    first.acquire_locks()
+    second.acquire_locks()
+    assert first.acquired_locks == {js.BATCH} and second.acquired_locks == set()
+    conn.expire(key, 5)
+    first.acquire_locks()  # every tick: the holder refreshes its lock
+    assert conn.ttl(key) > 5
+    conn.delete(key)  # the lock expired (the holder stalled) and the second worker took it over
+    second.acquire_locks()
+    first.acquire_locks()  # the next tick re-checks ownership: the first no longer moves due retries
+    assert first.acquired_locks == set() and second.acquired_locks == {js.BATCH}
+    first.release_locks()
+    assert conn.get(key) == b"second"  # shutting down releases only one's own locks
+
+
+def test_the_reaper_frees_only_a_dead_workers_scheduler_lock(conn):
+    key = RQScheduler.get_locking_key(js.BATCH)
+    q.register_worker(conn, "alive", {"name": "alive", "model_version": "v1"}, heartbeat=60)
+    conn.set(key, "alive")
+    reap_dead_workers_jobs(conn)
+    assert conn.get(key) == b"alive"
+    conn.delete(f"{js.PREFIX}:reaper")
+    conn.set(key, "dead")
+    reap_dead_workers_jobs(conn)
+    assert conn.get(key) is None
