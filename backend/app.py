@@ -42,6 +42,9 @@ from backend.protocol import (
 
 log = logging.getLogger("hybridgl.backend")
 PROVISIONAL_VERSION = "hybridgl-waiting-for-worker"
+# /predict waits on at most this many of its first jobs (workers take them in order); the others of a
+# big selection are handed off at once, so that waiting costs the same whatever the selection's size.
+BATCH_WAITED = 256
 
 
 class ApiError(Exception):
@@ -233,10 +236,11 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
             digest = digest or js.store_label_config(conn, body.label_config)
             waiting[i] = _prediction_job(req, body, config, digest, version, interactive=False)
             jobs.enqueue(waiting[i])
-        outcomes = jobs.wait([spec.job_id for spec in waiting.values()], time.monotonic() + settings.batch_budget)
+        waited = [spec.job_id for spec in list(waiting.values())[:BATCH_WAITED]]
+        outcomes = jobs.wait(waited, time.monotonic() + settings.batch_budget)
         for i, spec in waiting.items():
             key = delivery.entry_key(body.project, spec.payload["task_id"], version)
-            outcome = outcomes[spec.job_id]
+            outcome = outcomes.get(spec.job_id) or jobs.outcome(spec.job_id)
             answer = outcome.value["prediction"] if outcome.status == "finished" else None
             if outcome.status == "failed":
                 log.warning("task %s failed: %s (job %s)", body.tasks[i].get("id"), outcome.error, spec.job_id)

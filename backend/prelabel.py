@@ -212,6 +212,7 @@ class Prelabel:
         self.version: str | None = None
         self.tally = Tally(self.project_id, None, dry_run=bool(args.dry_run))
         self.watch: dict[str, Planned] = {}  # job id -> task, in enqueue order
+        self.label_config = ""  # the project's, as its jobs name it by digest
 
     def say(self, text: str = "") -> None:
         print(text, file=self.out, flush=True)
@@ -414,6 +415,7 @@ class Prelabel:
         self.tally.requeued += 1
         if item.requeues == 1 and self.tally.requeued == 1:
             bar.write("jobs vanished from Redis (restarted without persistence?): enqueuing them again")
+        js.store_label_config(self.conn, self.label_config)  # gone with the job, if Redis lost everything
         self.jobs.enqueue(item.spec)
         self.ledger.hand_off(self._entry(item), item.job_id, self.ledger.view(self.jobs.job_lifetime))
         return True
@@ -425,6 +427,7 @@ class Prelabel:
         self.version = self.resolve_version()
         tally.model_version = self.version
         project, config = self.project()
+        self.label_config = project["label_config"]
         title = project.get("title") or ""
         self.say(f"project {self.project_id} ({title!r}, {project.get('task_number', '?')} tasks) at "
                  f"{self.client.url}; model_version {self.version or 'unknown (no worker is running)'}")

@@ -6,8 +6,6 @@ from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
-MAX_TASKS_PER_REQUEST = 1000
-
 
 class _Open(BaseModel):
     model_config = ConfigDict(extra="allow")
@@ -30,7 +28,8 @@ class PredictParams(_Open):
 
 
 class PredictRequest(_Open):
-    tasks: list[dict[str, Any]] = Field(..., max_length=MAX_TASKS_PER_REQUEST)
+    # Any number: Retrieve Predictions sends every selected task not yet predicted in one request.
+    tasks: list[dict[str, Any]]
     project: Optional[str] = None
     label_config: str = ""
     params: PredictParams = Field(default_factory=PredictParams)

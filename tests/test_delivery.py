@@ -217,3 +217,29 @@ def test_an_ended_job_is_replaced_by_the_next_enqueue(conn):
     assert again.get_status() == JobStatus.QUEUED
     assert Queue(js.BATCH, connection=conn).get_job_ids() == [spec.job_id]
     assert Job.fetch(spec.job_id, connection=conn).args[0] == spec.payload
+
+
+def test_a_selection_over_1000_tasks_is_served_and_handed_off(tiny_settings, redis_url, conn, tmp_path):
+    """Retrieve Predictions on 1,200 tasks: Label Studio sends them in one request; every task gets an
+    entry, and with no worker running (none is started here) every one is handed off to its job."""
+    import httpx
+
+    from .services import service_env, start_backend
+
+    backend, url = start_backend(service_env(tiny_settings, redis_url, HYBRIDGL_BATCH_BUDGET="1"), tmp_path)
+    try:
+        tasks = [{"id": i, "data": {"image": f"/data/upload/1/{i}.png", "prompt": "the dog"}, "predictions": []}
+                 for i in range(1, 1201)]
+        config = CONFIG.replace("<View>", '<View><Text name="prompt" value="$prompt"/>')
+        response = httpx.post(url + "/predict", json={"tasks": tasks, "project": "7.1700000000",
+                                                      "label_config": config}, timeout=100)
+    finally:
+        backend.stop()
+    assert response.status_code == 200, response.text
+    assert response.json()["results"] == [[]] * 1200
+    assert Queue(js.BATCH, connection=conn).count == 1200
+    from backend.app import PROVISIONAL_VERSION  # no worker has published a model version
+
+    states = {delivery.Ledger(conn, 600).state(delivery.entry_key("7", i, PROVISIONAL_VERSION)).get("state")
+              for i in range(1, 1201)}
+    assert states == {delivery.HANDOFF}

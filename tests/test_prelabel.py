@@ -120,20 +120,22 @@ def _worker_paused(stack):
 
 
 def _queued_tasks(redis_url: str) -> set[int]:
-    """Tasks whose prelabel job is queued (from the jobs' descriptions, "prelabel task ID")."""
+    """Tasks whose prediction job is queued (from the jobs' descriptions, "predict task ID (prelabel)")."""
     conn = redis.Redis.from_url(redis_url)
     tasks = set()
-    for key in conn.scan_iter("rq:job:prelabel-*"):
+    for key in conn.scan_iter("rq:job:predict-*"):
         status, description = conn.hmget(key, "status", "description")
         if status == b"queued":
-            tasks.add(int(description.decode().rsplit(" ", 1)[1]))
+            tasks.add(int(description.decode().split()[2]))
     return tasks
 
 
 def _lose_jobs(redis_url: str) -> None:
-    """What a Redis restart without persistence does to the jobs: queue, job records, results gone."""
+    """What a Redis restart without persistence does to the jobs: queue, job records, results, the
+    ledger, stored answers and label configs gone."""
     conn = redis.Redis.from_url(redis_url)
-    keys = [k for pattern in ("rq:job:prelabel-*", "rq:results:prelabel-*", "hybridgl:claim:prelabel-*")
+    keys = [k for pattern in ("rq:job:predict-*", "rq:results:predict-*", "hybridgl:delivery:*", "hybridgl:answer:*",
+                              "hybridgl:label-config:*")
             for k in conn.scan_iter(pattern)]
     conn.delete("rq:queue:batch", *keys)
 
