@@ -21,7 +21,7 @@ from rq.exceptions import NoSuchJobError
 from rq.job import Job
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from backend import delivery
+from backend import delivery, interaction
 from backend import jobspec as js
 from backend import queue as q
 from backend.config import ServeSettings
@@ -188,11 +188,17 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
 
     def _prediction_job(req: PredictionRequest, body: PredictRequest, config: LabelingConfig, digest: str,
                         version: str, interactive: bool) -> js.JobSpec:
+        expressions = [{"text": e.text, "label": e.label} for e in req.expressions]
+        clicks = [{"x": c.x, "y": c.y, "positive": c.positive, "label": c.label} for c in req.clicks]
+        refine = None
+        if interactive and expressions:
+            interaction.start_prompt(conn, body.project, req.task_id, expressions[0])
+        if interactive and clicks:  # they add to the clicks on the current prompt's suggestion
+            refine, clicks = interaction.add_clicks(conn, body.project, req.task_id, clicks)
         return js.prediction_job(
             model_version=version, project=body.project, task_id=req.task_id, image=req.image,
-            expressions=[{"text": e.text, "label": e.label} for e in req.expressions],
-            clicks=[{"x": c.x, "y": c.y, "positive": c.positive, "label": c.label} for c in req.clicks],
-            config=config, config_digest=digest, interactive=interactive, origin="web")
+            expressions=expressions, clicks=clicks, refine=refine, config=config, config_digest=digest,
+            interactive=interactive, origin="web")
 
     def _interactive(body: PredictRequest, config: LabelingConfig, context: dict) -> Any:
         req = build_request(body.tasks[0], context, config, label_names_as_prompts=settings.label_names_policy())

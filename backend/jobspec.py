@@ -94,18 +94,19 @@ def _job_id(kind: str, parts: list) -> str:
 
 def prediction_job(*, model_version: str | None, project: Any, task_id: Any, image: str | None,
                    expressions: list[dict], clicks: list[dict], config: LabelingConfig, config_digest: str,
-                   interactive: bool, origin: str) -> JobSpec:
+                   interactive: bool, origin: str, refine: dict | None = None) -> JobSpec:
     """The job that predicts one task, for every flow. ``origin`` only describes it (web, prelabel).
 
     Interactive jobs (a typed prompt, clicks) return a suggestion; the others deliver the task's
-    prediction through the ledger, whichever flow enqueued them first.
+    prediction through the ledger, whichever flow enqueued them first. ``refine`` is the prompt
+    (text, label) whose mask the clicks correct (see backend.interaction).
     """
     delivery = Delivery.RETURN if interactive else Delivery.LEDGER
     payload = {"task_id": task_id, "project": project, "image": image, "label_config_digest": config_digest,
-               "expressions": expressions, "clicks": clicks, "deliver": delivery.value,
+               "expressions": expressions, "clicks": clicks, "refine": refine, "deliver": delivery.value,
                "model_version": model_version}
     kind = "interactive" if interactive else "predict"
-    job_id = _job_id(kind, [model_version, project_id(project), task_id, image, expressions, clicks,
+    job_id = _job_id(kind, [model_version, project_id(project), task_id, image, expressions, clicks, refine,
                             shaping_digest(config)])
     return JobSpec(INTERACTIVE if interactive else BATCH, PREDICT_JOB, payload, job_id,
                    f"{'interactive' if interactive else 'predict'} task {task_id} ({origin})")

@@ -133,7 +133,7 @@ def test_a_bad_task_does_not_fail_the_others(stack, image_server, redis_url):
     assert status["status"] == "failed" and status["reason"]
 
 
-def test_interactive_prompt_then_click(stack, image_server):
+def test_interactive_prompt_then_clicks(stack, image_server, redis_url):
     client = stack["client"]
     task = {"id": 21, "data": {"image": f"{image_server}/dog.jpg"}}
     # Task open: nothing to predict, answered at once; the image's index is warmed.
@@ -146,18 +146,44 @@ def test_interactive_prompt_then_click(stack, image_server):
     [region] = prediction["result"]
     assert region["type"] == "brushlabels" and region["value"]["brushlabels"] == ["Dog"]
     prompt_mask = decode_rle(region["value"]["rle"]).reshape(*DOG_HW, 4)[:, :, 3] > 0
-    # Label Studio sends only the click after a prompt: the backend refines the last mask.
+    # Label Studio sends only the click after a prompt: the backend refines that prompt's mask.
     y, x = np.argwhere(~prompt_mask)[0] if (~prompt_mask).any() else (0, 0)
-    click = {"result": [{"original_width": 800, "original_height": 534, "image_rotation": 0,
-                         "value": {"x": float(x) * 100 / 800, "y": float(y) * 100 / 534, "width": 0.3,
-                                   "keypointlabels": ["Dog"]},
-                         "is_positive": True, "id": "c1", "from_name": "click", "to_name": "image",
-                         "type": "keypointlabels", "origin": "manual"}]}
-    refined = _predict(client, [task], INTERACTIVE_CONFIG, click)
+    refined = _predict(client, [task], INTERACTIVE_CONFIG, _click(x, y, True, "c1"))
     assert refined.status_code == 200, refined.text
     [region] = refined.json()["results"][0]["result"]
     refined_mask = decode_rle(region["value"]["rle"]).reshape(*DOG_HW, 4)[:, :, 3] > 0
     assert refined_mask.any() and not np.array_equal(refined_mask, prompt_mask)
+    assert region["score"] != 1.0  # SAM's own quality estimate, not a flat 1.0
+    # A second (negative) click adds to the first: the job is asked for both, on the prompt's mask.
+    second = _predict(client, [task], INTERACTIVE_CONFIG, _click(x + 1, y, False, "c2"))
+    assert second.status_code == 200, second.text
+    payload = _interactive_payload(redis_url, 2)
+    assert payload["refine"]["text"] == "the dog" and [c["positive"] for c in payload["clicks"]] == [True, False]
+    # Another prompt, then the first one typed again: the next click corrects the first prompt's mask.
+    assert _predict(client, [task], INTERACTIVE_CONFIG, _textarea("the grass")).status_code == 200
+    assert _predict(client, [task], INTERACTIVE_CONFIG, _textarea("the dog")).status_code == 200  # joins its job
+    again = _predict(client, [task], INTERACTIVE_CONFIG, _click(x, y, True, "c3"))
+    [region] = again.json()["results"][0]["result"]
+    assert np.array_equal(decode_rle(region["value"]["rle"]).reshape(*DOG_HW, 4)[:, :, 3] > 0, refined_mask)
+
+
+def _click(x, y, positive: bool, region_id: str) -> dict:
+    return {"result": [{"original_width": 800, "original_height": 534, "image_rotation": 0,
+                        "value": {"x": float(x) * 100 / 800, "y": float(y) * 100 / 534, "width": 0.3,
+                                  "keypointlabels": ["Dog"]},
+                        "is_positive": positive, "id": region_id, "from_name": "click", "to_name": "image",
+                        "type": "keypointlabels", "origin": "manual"}]}
+
+
+def _interactive_payload(redis_url: str, clicks: int) -> dict:
+    """The payload of the task's interactive job with this many clicks."""
+    from rq import Queue
+
+    conn = redis.Redis.from_url(redis_url)
+    jobs = Queue("interactive", connection=conn).job_class.fetch_many(_all_job_ids(conn, "interactive"),
+                                                                      connection=conn)
+    [payload] = [j.args[0] for j in jobs if j and j.args[0]["task_id"] == 21 and len(j.args[0]["clicks"]) == clicks]
+    return payload
 
 
 def test_warm_up_makes_the_first_prompt_a_cache_hit(stack, image_server, redis_url):

@@ -7,7 +7,6 @@ Studio when the web request has handed the task off).
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import time
@@ -34,7 +33,6 @@ log = logging.getLogger(__name__)
 # tokens) that our own messages leave out. Failures are reported, without them, by the job's reason.
 logging.getLogger("httpx").setLevel(logging.WARNING)
 
-LAST_PROMPT_TTL = 24 * 3600
 LABEL_STUDIO_PROBLEM = "labelstudio"  # /health's entry while workers cannot reach Label Studio
 LABEL_STUDIO_PROBLEM_SECONDS = 300  # reported until a job reaches it again, or this long after the last failure
 MEMORY_PROBLEM_SECONDS = 15 * 60  # how long /health mentions a job that ran out of memory
@@ -183,10 +181,6 @@ def _needs_labelstudio(ref: str) -> bool:
     return (ref.startswith(("/", "\\")) and not ref.startswith("//")) or scheme in CLOUD_SCHEMES
 
 
-def _last_key(payload: dict) -> str:
-    return f"{q.PREFIX}:last:{payload.get('project')}:{payload.get('task_id')}"
-
-
 def predict(payload: dict) -> dict:
     """One task's prediction. Returns {"task_id", "prediction", "index"}."""
     rt = runtime()
@@ -206,7 +200,6 @@ def predict(payload: dict) -> dict:
         index, source = _index(rt, rgb, task_id)
         pipeline = rt.pipeline
         results, scores = [], []
-        last = None
         for item in payload.get("expressions", []):
             try:
                 answer = pipeline.query(index, item["text"])
@@ -214,14 +207,10 @@ def predict(payload: dict) -> dict:
                 raise _fail(f"task {task_id}: {exc}") from None
             results += region_results(answer.mask, item.get("label"), config, score=answer.score)
             scores.append(answer.score)
-            last = {"text": item["text"], "label": item.get("label"), "chosen": answer.chosen,
-                    "key": index.key}
         if payload.get("clicks"):
-            mask, label = _refine(rt, index, payload)
-            results += region_results(mask, label, config, score=1.0)
-            scores.append(1.0)
-        if last is not None:
-            rt.conn.set(_last_key(payload), json.dumps(last), ex=LAST_PROMPT_TTL)
+            mask, label, score = _refine(rt, index, payload)
+            results += region_results(mask, label, config, score=score)
+            scores.append(score)
         pred = prediction(results, float(mean(scores)) if scores else 0.0, pipeline.model_version)
         _deliver(rt, payload, pred, client)
         if client is not None:
@@ -303,24 +292,25 @@ def _report_unreachable(rt: Runtime, exc: Exception) -> None:
 
 
 def _refine(rt: Runtime, index, payload: dict):
-    """Clicks refine the task's last suggested mask (Label Studio sends only the click)."""
+    """(mask, label, SAM's quality estimate): the clicks since the current prompt was typed correct that
+    prompt's mask (backend.interaction keeps them; Label Studio sends only the latest click)."""
     from worker.hybridgl.refine import refine_mask
 
     h, w = index.image_size
     clicks = payload["clicks"]
     points = np.array([[c["x"] * w / 100.0, c["y"] * h / 100.0] for c in clicks])
     labels = np.array([1 if c.get("positive", True) else 0 for c in clicks])
-    raw = rt.conn.get(_last_key(payload))
-    last = json.loads(raw) if raw else None
-    previous = None
     label = next((c.get("label") for c in clicks if c.get("label")), None)
-    if last is not None and last.get("key") == index.key:
-        previous = index.masks[last["chosen"]].numpy()
-        label = last.get("label") or label
+    previous = None
+    prompt = payload.get("refine")
     try:
-        return refine_mask(rt.pipeline.models.sam, index, points, labels, previous), label
+        if prompt:  # the prompt's own mask, found again (on an indexed image that is text encoding only)
+            previous = index.masks[rt.pipeline.query(index, prompt["text"]).chosen].numpy()
+            label = prompt.get("label") or label
+        mask, score = refine_mask(rt.pipeline.models.sam, index, points, labels, previous)
     except ValueError as exc:
-        raise _fail(str(exc)) from None
+        raise _fail(f"task {payload.get('task_id')}: {exc}") from None
+    return mask, label, score
 
 
 def _deliver(rt: Runtime, payload: dict, pred: dict, client) -> None:

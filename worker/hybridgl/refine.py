@@ -11,8 +11,9 @@ from .image_index import ImageIndex
 
 @torch.inference_mode()
 def refine_mask(sam, index: ImageIndex, points: np.ndarray, labels: np.ndarray,
-                previous: np.ndarray | None = None) -> np.ndarray:
-    """The mask SAM predicts for clicks ``points`` (K, 2) in pixels, ``labels`` 1 = include, 0 = exclude.
+                previous: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+    """The mask SAM predicts for clicks ``points`` (K, 2) in pixels, ``labels`` 1 = include, 0 = exclude,
+    and SAM's own estimate of its quality (predicted IoU).
 
     ``previous`` (H, W bool), the mask being corrected, adds its box as a prompt so that the
     clicks adjust that region instead of starting over. No image encoding: the index keeps the
@@ -37,4 +38,4 @@ def refine_mask(sam, index: ImageIndex, points: np.ndarray, labels: np.ndarray,
                                     image_pe=sam.prompt_encoder.get_dense_pe(), sparse_prompt_embeddings=sparse,
                                     dense_prompt_embeddings=dense, multimask_output=False)
     masks = sam.postprocess_masks(low_res, index.sam_input_size, (h, w))
-    return (masks[0, 0] > sam.mask_threshold).cpu().numpy()
+    return (masks[0, 0] > sam.mask_threshold).cpu().numpy(), float(iou[0, 0])
