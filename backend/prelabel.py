@@ -264,8 +264,11 @@ class Prelabel:
         to_predict = 0
         policy = self.settings.label_names_policy()
         digest: str | None = None
+        # Taken before any task is read, so that no delivery made after its task was read looks older than the
+        # listing (pages are read as the run goes): a prediction missing from the listing was deleted only if
+        # it was delivered before this.
+        view = self.ledger.view(self.jobs.job_lifetime)
         for task in self.client.tasks(self.project_id, task_ids=args.tasks):
-            view = self.ledger.view(self.jobs.job_lifetime)  # this task's predictions were read just now
             task_id = task.get("id")
             if wanted is not None and task_id not in wanted:
                 continue

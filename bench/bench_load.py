@@ -245,7 +245,7 @@ def run_phase(phase: Phase, url: str, who: Annotators, texts: Iterator[str], con
 
 def batch_progress(conn: redis.Redis, start: float, end: float, batch_workers: int) -> dict:
     """What the batch did between ``start`` and ``end`` (time.time()), from its RQ job records."""
-    records = list(jobs(conn, "prelabel-").values())
+    records = list(jobs(conn, "predict-").values())
     done = [j for j in records if j.get_status(refresh=False) == JobStatus.FINISHED and j.ended_at]
     predicted = sum(start <= epoch(j.ended_at) <= end for j in done)
     busy = 0.0  # batch-job seconds inside the window, over every batch worker
@@ -261,7 +261,7 @@ def batch_job_times(conn: redis.Redis) -> dict:
     """Mean duration of the batch jobs finished so far; how long the longest running one has run."""
     now = time.time()
     finished, running = [], []
-    for j in jobs(conn, "prelabel-").values():
+    for j in jobs(conn, "predict-").values():
         if j.started_at and j.ended_at and j.get_status(refresh=False) == JobStatus.FINISHED:
             finished.append(epoch(j.ended_at) - epoch(j.started_at))
         elif j.started_at and not j.ended_at:

@@ -87,7 +87,7 @@ def _job_running_on(faults, worker) -> str:
         conn = redis.Redis.from_url(faults["redis"].url)
         rq_worker = Worker.find_by_key(Worker.redis_worker_namespace_prefix + _worker_name(worker), connection=conn)
         job_id = rq_worker.get_current_job_id() if rq_worker else None
-        if job_id and job_id.startswith("prelabel-"):
+        if job_id and job_id.startswith("predict-"):
             found.append(job_id)
         return bool(found)
 
@@ -212,7 +212,7 @@ def test_label_studio_unreachable_for_30s_while_predictions_are_written(ls, faul
     finally:
         run.kill()
     conn = redis.Redis.from_url(faults["redis"].url)
-    retried = [k for k in conn.scan_iter("rq:job:prelabel-*") if int(conn.hget(k, "retries_left") or 3) < 3]
+    retried = [k for k in conn.scan_iter("rq:job:predict-*") if int(conn.hget(k, "retries_left") or 3) < 3]
     assert retried, "no job was retried: the outage hit no job"
     _one_prediction_each(ls, faults, ids)
     wait_for(lambda: not _health_mentions(faults, "Label Studio"), 30, "/health to drop the Label Studio problem")

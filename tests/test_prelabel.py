@@ -154,7 +154,7 @@ def test_dry_run_then_run_then_rerun_skips_everything(ls, stack, redis_url, tmp_
     good, bad = ids[:-1], ids[-1]
     conn = redis.Redis.from_url(redis_url)
     queued_before = conn.llen("rq:queue:batch")
-    jobs_before = len(list(conn.scan_iter("rq:job:prelabel-*")))
+    jobs_before = len(list(conn.scan_iter("rq:job:predict-*")))
 
     code, out, data = _prelabel(stack, tmp_path, project, "--dry-run")
     assert code == 0, out
@@ -164,7 +164,7 @@ def test_dry_run_then_run_then_rerun_skips_everything(ls, stack, redis_url, tmp_
     assert data["considered"] == 6 and data["planned"] == 5 and data["failed"] == 1 and data["skipped"] == 0
     assert _predicted(ls, project) == {t: 0 for t in ids}
     assert conn.llen("rq:queue:batch") == queued_before
-    assert len(list(conn.scan_iter("rq:job:prelabel-*"))) == jobs_before
+    assert len(list(conn.scan_iter("rq:job:predict-*"))) == jobs_before
 
     code, out, data = _prelabel(stack, tmp_path, project)
     assert code == 1, out  # the task with an invalid prompt failed
