@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis
-from rq.job import Job, JobStatus
+from rq.job import Job
 from rq.results import Result
 
 from backend import delivery
@@ -52,7 +52,6 @@ MAX_REQUEUES = 3  # a job that keeps vanishing from Redis counts as failed after
 WORKER_CHECK_SECONDS = 15.0
 REDIS_PATIENCE_SECONDS = 120.0
 ALREADY = "already predicted with {version}"
-RUNNING = (JobStatus.QUEUED, JobStatus.STARTED, JobStatus.DEFERRED, JobStatus.SCHEDULED)
 NOTHING = "nothing to segment (no prompt in the task, and label names are not used as prompts)"
 
 
@@ -380,7 +379,7 @@ class Prelabel:
                     if outcome.status == "failed" and not Job.exists(job_id, connection=self.conn):
                         if self._vanished(item, bar):
                             continue  # re-enqueued: still watched
-                    elif outcome.status == "failed" and self._status(job_id) in RUNNING:
+                    elif outcome.status == "failed" and self._status(job_id) in q.RUNNING:
                         retrying.append(job_id)  # a retry is queued or running: an earlier attempt's failure
                         continue
                     elif outcome.status == "finished":
@@ -463,7 +462,7 @@ class Prelabel:
         todo: list[int] = []
         for item in self.plan(config, label_config):
             todo.append(item.task_id)
-            if self.version is not None and self._status(item.job_id) in RUNNING:
+            if self.version is not None and self._status(item.job_id) in q.RUNNING:
                 joinable.append(item.task_id)
         tally.planned = len(todo)
         self.say("dry run: nothing is enqueued or written")

@@ -34,7 +34,8 @@ if status == 'failed' or status == 'stopped' or status == 'canceled' then
 end
 return 0
 """
-LIVE = (JobStatus.QUEUED, JobStatus.STARTED, JobStatus.DEFERRED, JobStatus.SCHEDULED, JobStatus.FINISHED)
+RUNNING = (JobStatus.QUEUED, JobStatus.STARTED, JobStatus.DEFERRED, JobStatus.SCHEDULED)  # to run, or running
+LIVE = RUNNING + (JobStatus.FINISHED,)  # an enqueue of the same id joins these
 
 
 def connect(url: str) -> redis.Redis:
@@ -129,7 +130,7 @@ class JobQueue:
         if result is not None and result.type == Result.Type.SUCCESSFUL:
             return JobOutcome(job_id, "finished", value=result.return_value)
         status = job.get_status(refresh=False)
-        if status in (JobStatus.QUEUED, JobStatus.STARTED, JobStatus.SCHEDULED, JobStatus.DEFERRED):
+        if status in RUNNING:
             return JobOutcome(job_id, "pending")  # running (again): an older failed result is history
         if status == JobStatus.FAILED or (result is not None and result.type == Result.Type.FAILED):
             return JobOutcome(job_id, "failed", error=job_error(job, result))
