@@ -3,12 +3,13 @@
 A real RQ SimpleWorker process runs a job that holds until the test releases it (both wait on
 Redis lists, no sleeps): while it runs, the dead-worker reaper must read the worker's name where
 it looks for it. RQ's scheduler locks are owned: one holder at a time, refreshed by it, released
-only by it.
+only by it. And a Redis error while a job counts itself for /metrics never replaces its outcome.
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import os
 
 import pytest
 import redis
@@ -99,3 +100,33 @@ def test_the_reaper_frees_only_a_dead_workers_scheduler_lock(conn):
     conn.set(key, "dead")
     reap_dead_workers_jobs(conn)
     assert conn.get(key) is None
+
+
+@pytest.fixture
+def no_counting(redis_url):
+    """A connection to the real Redis as a user that may do anything but HINCRBYFLOAT (what counting
+    uses): a real Redis error at the moment a job counts itself."""
+    admin = redis.Redis.from_url(redis_url)
+    user = f"ledger-test-{os.getpid()}"
+    admin.acl_setuser(user, enabled=True, passwords=["+pw"], keys=["*"], channels=["*"],
+                      commands=["+@all", "-hincrbyfloat"])
+    try:
+        yield redis.Redis.from_url(redis_url, username=user, password="pw")
+    finally:
+        admin.acl_deluser(user)
+
+
+def test_a_redis_error_while_counting_never_hides_the_jobs_failure(no_counting):
+    from backend.config import ServeSettings
+    from worker import jobs
+
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        q.count(no_counting, "job_count:batch")  # the error is real
+    previous = jobs._runtime
+    jobs.set_runtime(jobs.Runtime(ServeSettings.from_env({}), no_counting, pipeline=None, cache=None))
+    try:
+        with pytest.raises(jobs.JobFailed, match="label config is no longer in Redis"):
+            jobs.predict({"task_id": 9, "project": "7", "image": "/data/upload/1/a.png",
+                          "label_config_digest": "0" * 64, "expressions": [], "clicks": [], "deliver": "ledger"})
+    finally:
+        jobs._runtime = previous

@@ -1,8 +1,9 @@
 """Job functions the RQ workers run (enqueued by name from the web process and `prelabel`).
 
 Each job is one task: fetch its image, get the image index (memory, Redis or built), answer each
-expression, turn masks into Label Studio results, and deliver them (return, or write to Label
-Studio when the web request has handed the task off).
+expression, turn masks into Label Studio results, and deliver them: return them, and for a task's
+prediction store them for the delivery ledger (backend.delivery), writing them to Label Studio
+when the task was handed off to this job.
 """
 
 from __future__ import annotations
@@ -217,7 +218,7 @@ def predict(payload: dict) -> dict:
             q.clear_problem(rt.conn, LABEL_STUDIO_PROBLEM)  # reached it (image or prediction): not down
     except JobFailed as exc:
         log.warning("task %s failed: %s", task_id, exc)
-        q.count(rt.conn, "jobs_failed")
+        _count(rt, task_id, "jobs_failed")
         raise
     except Exception as exc:
         _report_unreachable(rt, exc)
@@ -231,12 +232,17 @@ def predict(payload: dict) -> dict:
         _close(client)
         job = get_current_job()
         queue_name = job.origin if job is not None else "direct"
-        try:
-            q.count(rt.conn, f"job_seconds_sum:{queue_name}", time.perf_counter() - started)
-            q.count(rt.conn, f"job_count:{queue_name}")
-        except redis.RedisError as exc:  # a metric lost, never the job's own outcome (or its real failure)
-            log.warning("task %s: could not count the job in /metrics: %s", task_id, exc)
+        _count(rt, task_id, f"job_seconds_sum:{queue_name}", time.perf_counter() - started)
+        _count(rt, task_id, f"job_count:{queue_name}")
     return {"task_id": task_id, "prediction": pred, "index": source}
+
+
+def _count(rt: Runtime, task_id, name: str, amount: float = 1) -> None:
+    """Count for /metrics; a Redis error loses the sample, never the job's outcome (or its real failure)."""
+    try:
+        q.count(rt.conn, name, amount)
+    except redis.RedisError as exc:
+        log.warning("task %s: could not count %s for /metrics: %s", task_id, name, exc)
 
 
 def _index(rt: Runtime, rgb: np.ndarray, task_id):
@@ -324,7 +330,7 @@ def _deliver(rt: Runtime, payload: dict, pred: dict, client) -> None:
         return  # a /predict response (or prelabel) delivers it, or already did
     write_prediction(client, payload["task_id"], pred)
     ledger.written(key, job.id)
-    q.count(rt.conn, "predictions_written")
+    _count(rt, payload["task_id"], "predictions_written")
 
 
 def write_prediction(client, task_id: int, pred: dict) -> None:
