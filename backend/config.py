@@ -11,6 +11,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from backend.errors import ConfigError
+
 
 def _env(name: str, default: Any, help: str):
     return field(default=default, metadata={"env": name, "help": help})
@@ -60,7 +62,7 @@ class ServeSettings:
                 else:
                     values[f.name] = kind(raw)
             except ValueError:
-                raise ValueError(f"{f.metadata['env']}={raw!r} is not a valid {kind.__name__}") from None
+                raise ConfigError(f"{f.metadata['env']}={raw!r} is not a valid {kind.__name__}") from None
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 

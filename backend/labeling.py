@@ -24,6 +24,8 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+from backend.errors import UserError
+
 __all__ = ["LabelConfigError", "OutputTag", "LabelingConfig", "parse_label_config",
            "OUTPUT_TAGS"]
 
@@ -37,7 +39,7 @@ _SUPPORTED = "BrushLabels, PolygonLabels or RectangleLabels"
 _IMAGE_EXAMPLE = '<Image name="image" value="$image"/>'
 
 
-class LabelConfigError(ValueError):
+class LabelConfigError(UserError, ValueError):
     """The label config cannot be used; the message says what is missing and what to add."""
 
 

@@ -40,6 +40,8 @@ from urllib.parse import parse_qsl, unquote
 
 import httpx
 
+from backend.errors import ConfigError, UserError
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -73,7 +75,7 @@ _BODY_SNIPPET = 300
 # errors
 
 
-class LabelStudioError(Exception):
+class LabelStudioError(UserError):
     """Talking to Label Studio (or fetching an image) failed.
 
     ``transient`` is True when retrying later may help (timeouts, connection errors, 429, 5xx);
@@ -140,9 +142,9 @@ class FetchPolicy:
         else:
             object.__setattr__(self, "allowed_hosts", tuple(self.allowed_hosts))
         if self.max_bytes <= 0:
-            raise ValueError(f"{ENV_MAX_BYTES} must be positive, got {self.max_bytes}")
+            raise ConfigError(f"{ENV_MAX_BYTES} must be positive, got {self.max_bytes}")
         if self.timeout <= 0:
-            raise ValueError(f"the image fetch timeout must be positive, got {self.timeout}")
+            raise ConfigError(f"the image fetch timeout must be positive, got {self.timeout}")
 
     @classmethod
     def from_settings(cls, s) -> "FetchPolicy":
@@ -339,10 +341,6 @@ class LabelStudioClient:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-    @property
-    def auth_kind(self) -> str:
-        return "bearer" if self._jwt else ("token" if self._key else "none")
 
     def _redact(self, text: str) -> str:
         for secret in (self._key, self._access):

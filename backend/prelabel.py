@@ -41,6 +41,7 @@ from backend import delivery
 from backend import jobspec as js
 from backend import queue as q
 from backend.config import ServeSettings
+from backend.errors import UserError
 from backend.labeling import LabelConfigError, LabelingConfig, parse_label_config
 from backend.labelstudio import FetchPolicy, LabelStudioClient, LabelStudioError, client_from, prediction_versions
 from backend.prompts import PromptError, build_request
@@ -55,7 +56,7 @@ ALREADY = "already predicted with {version}"
 NOTHING = "nothing to segment (no prompt in the task, and label names are not used as prompts)"
 
 
-class PrelabelError(Exception):
+class PrelabelError(UserError):
     """The run cannot start or go on; the message says what to do."""
 
 

@@ -30,6 +30,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from backend.errors import UserError
 from backend.labeling import LabelingConfig
 
 __all__ = ["MAX_EXPRESSIONS", "MAX_EXPRESSION_CHARS", "PromptError", "Expression", "Click",
@@ -42,7 +43,7 @@ _EXPECTED_SHAPE = ('a string, a list of strings, or a list of {"text": ..., "lab
                    'e.g. "the dog on the left" or [{"text": "the dog on the left", "label": "Dog"}]')
 
 
-class PromptError(ValueError):
+class PromptError(UserError, ValueError):
     """The task or context does not say what to segment in a usable way; the message says why."""
 
 

@@ -281,11 +281,6 @@ def load_setup(conn: redis.Redis, project: Any, secret_key: str) -> tuple[str | 
                                 "differs between the backend and the workers")
 
 
-def setups_without_token(conn: redis.Redis) -> list[str]:
-    """Projects whose /setup token was not kept (no HYBRIDGL_SECRET_KEY)."""
-    return sorted(m.decode() for m in conn.smembers(WITHHELD_KEY))
-
-
 # --- problems /health reports: parts degraded now or recently --------------------------------
 # One hash field per part (``labelstudio``, ``worker:<name>``, ...), each with the time it stops being
 # reported, so that a part that recovers without anyone clearing it drops out on its own.

@@ -19,8 +19,8 @@ import pytest
 from PIL import Image
 
 from worker import evaluate
-from worker.cli import add_settings_arguments
-from worker.hybridgl.settings import setting_fields
+from worker.evaluate import benchmark
+from worker.hybridgl.settings import add_settings_arguments, setting_fields
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).parent / "data"
@@ -162,8 +162,12 @@ def test_coco_polygons_rasterize_as_pycocotools():
     a, b = _box(12, 12, (0, 6), (0, 6)), _box(12, 12, (3, 9), (3, 9))
     assert np.array_equal(evaluate.coco_segmentation_mask(two, 12, 12), a | b)
     assert np.array_equal(evaluate.coco_segmentation_mask(two, 12, 12, "single"), a ^ b)
+    # Counts that do not cover the image are refused (pycocotools itself would decode the rest from
+    # uninitialised memory), both uncompressed and compressed (the triangle's string is 10x12 pixels).
     with pytest.raises(ValueError, match="RLE"):
         evaluate.coco_segmentation_mask({"size": [5, 5], "counts": [3, 4]}, 5, 5)
+    with pytest.raises(ValueError, match="RLE counts sum to 120, not 11x12"):
+        evaluate.coco_segmentation_mask({"size": [11, 12], "counts": TRIANGLE_RLE}, 11, 12)
 
 
 def test_phrasecut_polygons_rasterize_as_its_code():
@@ -209,7 +213,7 @@ def test_refs_pickles_are_read_without_running_code(tmp_path):
 def test_interrupted_line_is_dropped(tmp_path):
     path = tmp_path / "results.jsonl"
     path.write_text('{"key": "1", "I_pure": 1}\n{"key": "2", "I_p')
-    evaluate._repair_results(path)
+    benchmark._repair_results(path)
     assert list(evaluate.read_results(path)) == ["1"]
     assert path.read_text().endswith("\n")
 
@@ -217,10 +221,10 @@ def test_interrupted_line_is_dropped(tmp_path):
 def test_phrasecut_gets_its_sam_preset_unless_one_is_chosen(monkeypatch):
     monkeypatch.delenv("HYBRIDGL_SAM_PRESET", raising=False)
     p = _parser()
-    assert evaluate._benchmark_settings(p.parse_args([]), "phrasecut").sam_preset == "phrasecut"
-    assert evaluate._benchmark_settings(p.parse_args([]), "refcocog").sam_preset == "refcoco"
+    assert benchmark._benchmark_settings(p.parse_args([]), "phrasecut").sam_preset == "phrasecut"
+    assert benchmark._benchmark_settings(p.parse_args([]), "refcocog").sam_preset == "refcoco"
     chosen = p.parse_args(["--sam-preset", "refcoco"])
-    assert evaluate._benchmark_settings(chosen, "phrasecut").sam_preset == "refcoco"
+    assert benchmark._benchmark_settings(chosen, "phrasecut").sam_preset == "refcoco"
 
 
 # --- the benchmark end to end ------------------------------------------------------------------------
@@ -383,8 +387,8 @@ def test_release_switches_reuse_cached_indexes(bench, tiny_settings, tmp_path):
             "--out", str(out), "--no-progress", "--index-cache", str(bench["cache"])] + bench["argv"]
     argv += ["--no-right-fires", "--sticky-k"]
     # Fill the cache first when this test runs alone.
-    evaluate._index(bench["pipeline"], bench["rgbs"][1], bench["cache"])
-    evaluate._index(bench["pipeline"], bench["rgbs"][2], bench["cache"])
+    benchmark._index(bench["pipeline"], bench["rgbs"][1], bench["cache"])
+    benchmark._index(bench["pipeline"], bench["rgbs"][2], bench["cache"])
     assert len(list(bench["cache"].glob("*.index.npz"))) == 2
     assert evaluate.run(_parser().parse_args(argv)) == 0
     release = HybridGL(tiny_settings.replace(right_fires=False, sticky_k=True), bench["pipeline"].models)

@@ -7,29 +7,10 @@ import argparse
 import json
 import re
 import sys
+import traceback
 from pathlib import Path
 
-
-def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per setting (``--sam-model`` for HYBRIDGL_SAM_MODEL ...); unset flags keep env/defaults."""
-    from worker.hybridgl.settings import env_name, setting_fields
-
-    group = parser.add_argument_group("method settings (each also read from its environment variable)")
-    for f in setting_fields():
-        flag = "--" + f.name.replace("_", "-")
-        kind = type(f.default)
-        help_text = f"{f.metadata['help']} [{env_name(f.name)}, default {f.default!r}]"
-        if kind is bool:
-            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        else:
-            group.add_argument(flag, dest=f.name, type=kind, default=None, choices=f.metadata.get("choices"),
-                               help=help_text)
-
-
-def settings_from_args(args: argparse.Namespace):
-    from worker.hybridgl.settings import Settings, setting_fields
-
-    return Settings.from_env(**{f.name: getattr(args, f.name, None) for f in setting_fields()})
+from worker.hybridgl.settings import add_settings_arguments, settings_from_args
 
 
 def _slug(text: str, limit: int = 40) -> str:
@@ -157,24 +138,35 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    return run_command(args)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run a parsed command: an error meant for the user prints its message alone (exit 2); any other
+    exception is a bug, shown with its traceback and a line asking to report it (exit 1)."""
     try:
         return args.func(args)
     except KeyboardInterrupt:
         return 130
-    except Exception as exc:  # noqa: BLE001 - the command line shows a message, not a traceback
-        if not _is_user_error(exc):
-            raise
-        print(f"hybridgl {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    except Exception as exc:  # noqa: BLE001 - sorted into user errors and bugs below
+        if _is_user_error(exc):
+            print(f"hybridgl {args.command}: error: {exc}", file=sys.stderr)
+            return 2
+        traceback.print_exc()
+        print(f"hybridgl {args.command}: unexpected {type(exc).__name__}: this is a bug; please report it with the "
+              "traceback above and the command you ran", file=sys.stderr)
+        return 1
 
 
 def _is_user_error(exc: Exception) -> bool:
-    """Errors whose message tells the user what to do (bad input, missing weights, settings)."""
+    """Errors whose message tells the user what to do: the two packages' user errors (bad input, missing
+    weights, settings, Label Studio answers), a file that does not exist, Redis unreachable."""
     import redis
 
-    from worker.hybridgl.models import WeightsError
+    from backend.errors import UserError as ServingUserError
+    from worker.hybridgl.errors import UserError as MethodUserError
 
-    return isinstance(exc, (WeightsError, ValueError, FileNotFoundError, redis.ConnectionError))
+    return isinstance(exc, (ServingUserError, MethodUserError, FileNotFoundError, redis.ConnectionError))
 
 
 if __name__ == "__main__":

@@ -10,11 +10,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .errors import InputError
+
 # Above this many pixels an image is refused before decoding (PIL's bomb check uses the same idea).
 DEFAULT_MAX_PIXELS = 50_000_000
 
 
-class ImageError(ValueError):
+class ImageError(InputError):
     """The input is not an image this pipeline can use; the message says why and what to do."""
 
 

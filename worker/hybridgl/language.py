@@ -15,6 +15,8 @@ from typing import Any, Callable, Mapping
 
 from spacy.tokens import Doc, Span, Token
 
+from .errors import InputError, SettingsError
+
 __all__ = [
     "DEFAULT_SPACY_MODEL",
     "DIRECTION_KEYWORDS",
@@ -71,7 +73,7 @@ DIRECTIONS: tuple[str, ...] = ("none", "left", "right", "middle", "up", "down")
 _RIGHT_WORDS: frozenset[str] = frozenset({"right", "east"})
 
 
-class EmptyExpressionError(ValueError):
+class EmptyExpressionError(InputError):
     """The referring expression has no text to ground."""
 
 
@@ -188,7 +190,7 @@ def parse_expression(
             "the referring expression is empty; send a short English description of the "
             "object, e.g. 'the man in the white shirt on the left'")
     if len(expression) > max_chars:
-        raise ValueError(
+        raise InputError(
             f"the referring expression is {len(expression)} characters long; "
             f"the limit is {max_chars}")
 
@@ -203,7 +205,7 @@ def parse_expression(
 
     doc = nlp(text)
     if not doc.has_annotation("DEP"):
-        raise ValueError("the spaCy pipeline has no dependency parser; HybridGL needs one")
+        raise SettingsError("the spaCy pipeline has no dependency parser; HybridGL needs one")
     chunks = list(doc.noun_chunks)
 
     # ROOT: the last token that is its own head (the last sentence's root in multi-sentence input).

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from .errors import SettingsError, UserError
 from .settings import Settings, env_name
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,7 @@ CLIP_WEIGHTS: dict[str, str] = {"ViT-B-16-quickgelu": "ViT-B-16", "ViT-B-16": "V
 _BY_FILENAME = {wf.filename: wf for wf in WEIGHTS.values()}
 
 
-class WeightsError(Exception):
+class WeightsError(UserError):
     """A weights file is missing, not the file it should be, or unreadable."""
 
 
@@ -238,12 +239,12 @@ def pick_device(setting: str = "auto") -> torch.device:
     try:
         device = torch.device(setting)
     except RuntimeError:
-        raise ValueError(f"device={setting!r} is not a device (auto, cpu, cuda, cuda:N)") from None
+        raise SettingsError(f"device={setting!r} is not a device (auto, cpu, cuda, cuda:N)") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device={setting!r} but CUDA is not available here; use auto or cpu")
+            raise SettingsError(f"device={setting!r} but CUDA is not available here; use auto or cpu")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"device={setting!r} but only {torch.cuda.device_count()} CUDA device(s) exist")
+            raise SettingsError(f"device={setting!r} but only {torch.cuda.device_count()} CUDA device(s) exist")
     return device
 
 
@@ -273,9 +274,9 @@ def pick_dtype(precision: str, device: torch.device, *, cpu_bf16: bool | None = 
         native = cpu_has_native_bf16() if cpu_bf16 is None else cpu_bf16
         return torch.bfloat16 if device.type == "cpu" and native else torch.float32
     if precision not in _DTYPES:
-        raise ValueError(f"precision={precision!r} is not one of fp32, fp16, bf16, auto")
+        raise SettingsError(f"precision={precision!r} is not one of fp32, fp16, bf16, auto")
     if precision == "fp16" and device.type == "cpu":
-        raise ValueError("precision=fp16 needs a GPU: CPUs have no fast fp16 matmuls; "
+        raise SettingsError("precision=fp16 needs a GPU: CPUs have no fast fp16 matmuls; "
                          "use bf16 (CPUs with AVX512-BF16/AMX) or fp32 on CPU")
     return _DTYPES[precision]
 
@@ -401,13 +402,13 @@ def build_clip_model(model_name: str) -> torch.nn.Module:
 
     config = open_clip.get_model_config(model_name)
     if config is None:
-        raise ValueError(f"unknown open_clip model {model_name!r}: not built in, and no "
+        raise SettingsError(f"unknown open_clip model {model_name!r}: not built in, and no "
                          f"{model_name}.json next to the checkpoint or in the weights directory")
     if config.pop("custom_text", False) or "multimodal_cfg" in config:
-        raise ValueError(f"open_clip model {model_name!r} is not a plain CLIP, which HybridGL needs")
+        raise SettingsError(f"open_clip model {model_name!r} is not a plain CLIP, which HybridGL needs")
     model = open_clip.CLIP(**config)
     if not isinstance(model.visual, VisionTransformer):
-        raise ValueError(f"open_clip model {model_name!r} has no ViT image tower, which HybridGL needs")
+        raise SettingsError(f"open_clip model {model_name!r} has no ViT image tower, which HybridGL needs")
     return model
 
 

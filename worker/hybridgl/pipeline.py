@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from . import guidance
 from .clip_ops import encode_text_raw
+from .errors import InputError
 from .gem import gem_patch_features, heat_map
 from .image_index import ImageIndex, boxes_from_masks
 from .images import ImageError, image_hash, load_image
@@ -29,7 +30,7 @@ from .settings import Settings
 TEXT_CACHE_SIZE = 4096
 
 
-class NoRegionError(ValueError):
+class NoRegionError(InputError):
     """SAM found no region in the image (the release crashes here)."""
 
 

@@ -37,6 +37,8 @@ from segment_anything.utils.amg import (
 from segment_anything.utils.transforms import ResizeLongestSide
 from torchvision.ops.boxes import batched_nms, box_area
 
+from .errors import SettingsError
+
 # HYBRIDGL.md step 1. Values not named are SAM's defaults.
 PRESETS: dict[str, dict] = {
     "refcoco": dict(points_per_side=8, pred_iou_thresh=0.7, stability_score_thresh=0.7,
@@ -62,7 +64,7 @@ class MaskProposer:
 
     def __init__(self, sam, preset: str = "refcoco", points_per_batch: int = 64):
         if preset not in PRESETS:
-            raise ValueError(f"unknown SAM preset {preset!r}; choose one of {', '.join(PRESETS)}")
+            raise SettingsError(f"unknown SAM preset {preset!r}; choose one of {', '.join(PRESETS)}")
         self.sam = sam
         self.params = {**SAM_DEFAULTS, **PRESETS[preset]}
         self.points_per_batch = points_per_batch

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 from segment_anything.utils.transforms import ResizeLongestSide
 
+from .errors import InputError
 from .image_index import ImageIndex
 
 
@@ -20,7 +21,7 @@ def refine_mask(sam, index: ImageIndex, points: np.ndarray, labels: np.ndarray,
     SAM embedding.
     """
     if index.sam_embedding is None or index.sam_input_size is None:
-        raise ValueError("this image index has no SAM embedding (it was built from user proposals): "
+        raise InputError("this image index has no SAM embedding (it was built from user proposals): "
                          "clicks need SAM's own index")
     h, w = index.image_size
     transform = ResizeLongestSide(sam.image_encoder.img_size)

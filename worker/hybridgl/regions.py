@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from .clip_ops import bilinear_taps, image_embedding, run_block, visual_tokens
+from .errors import SettingsError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -25,7 +26,7 @@ def view_normalization(normalization: str) -> tuple[torch.Tensor, torch.Tensor, 
         return torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD), torch.tensor(CLIP_MEAN)
     if normalization == "clip":
         return torch.tensor(CLIP_MEAN), torch.tensor(CLIP_STD), torch.zeros(3)
-    raise ValueError(f"unknown normalization {normalization!r}")
+    raise SettingsError(f"unknown normalization {normalization!r}")
 
 
 class ViewBuilder:

@@ -12,12 +12,15 @@ Both ``index`` and ``query`` fields change results, so both feed the model versi
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
+
+from .errors import SettingsError
 
 ENV_PREFIX = "HYBRIDGL_"
 
@@ -114,13 +117,13 @@ class Settings:
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)
             if choices and value not in choices:
-                raise ValueError(f"setting {f.name}={value!r} is not one of {', '.join(choices)}")
+                raise SettingsError(f"setting {f.name}={value!r} is not one of {', '.join(choices)}")
         if self.k1 < 1 or self.k2 < 1:
-            raise ValueError("settings k1 and k2 must be at least 1")
+            raise SettingsError("settings k1 and k2 must be at least 1")
         if self.blur_kernel < 1 or self.blur_kernel % 2 == 0:
-            raise ValueError(f"setting blur_kernel={self.blur_kernel} must be a positive odd number")
+            raise SettingsError(f"setting blur_kernel={self.blur_kernel} must be a positive odd number")
         if "{}" not in self.gem_prompt:
-            raise ValueError("setting gem_prompt must contain {} where the phrase goes")
+            raise SettingsError("setting gem_prompt must contain {} where the phrase goes")
 
     # --- construction ---------------------------------------------------------------------
     @classmethod
@@ -168,7 +171,7 @@ def parse_value(f: dataclasses.Field, raw: str) -> Any:
             raise ValueError
         return kind(raw)
     except ValueError:
-        raise ValueError(f"{env_name(f.name)}={raw!r} is not a valid {kind.__name__}") from None
+        raise SettingsError(f"{env_name(f.name)}={raw!r} is not a valid {kind.__name__}") from None
 
 
 def setting_fields() -> tuple[dataclasses.Field, ...]:
@@ -177,3 +180,22 @@ def setting_fields() -> tuple[dataclasses.Field, ...]:
 
 def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per setting (``--sam-model`` for HYBRIDGL_SAM_MODEL ...); unset flags keep env/defaults."""
+    group = parser.add_argument_group("method settings (each also read from its environment variable)")
+    for f in setting_fields():
+        flag = "--" + f.name.replace("_", "-")
+        kind = type(f.default)
+        help_text = f"{f.metadata['help']} [{env_name(f.name)}, default {f.default!r}]"
+        if kind is bool:
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            group.add_argument(flag, dest=f.name, type=kind, default=None, choices=f.metadata.get("choices"),
+                               help=help_text)
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Settings from parsed flags (``add_settings_arguments``), else HYBRIDGL_* variables, else defaults."""
+    return Settings.from_env(**{f.name: getattr(args, f.name, None) for f in setting_fields()})
