@@ -125,12 +125,12 @@ class FairWorker(SimpleWorker):
         return [Queue(n, connection=conn) for n in names or [q.INTERACTIVE]]
 
     def refresh_queues(self) -> None:
-        """Pick up new projects' batch queues; keep the turn order of the known ones."""
+        """Pick up new projects' batch queues, first in the turn (not served yet); keep the known ones' order."""
         if q.BATCH not in self.tiers:
             return
         found = q.batch_queue_names(self.connection)
         known = [n for n in self._batch_turn if n in found]
-        self._batch_turn = known + [n for n in found if n not in known]
+        self._batch_turn = [n for n in found if n not in known] + known
         self.queues = self._tier_queues(self.connection, self._batch_turn)
         self._ordered_queues = self.queues[:]
 
