@@ -251,8 +251,9 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
             key = delivery.entry_key(body.project, spec.payload["task_id"], version)
             outcome = outcomes.get(spec.job_id) or jobs.outcome(spec.job_id)
             answer = outcome.value["prediction"] if outcome.status == "finished" else None
-            if outcome.status == "failed":
-                log.warning("task %s failed: %s (job %s)", body.tasks[i].get("id"), outcome.error, spec.job_id)
+            if outcome.status in ("failed", "canceled"):
+                log.warning("task %s %s: %s (job %s)", body.tasks[i].get("id"), outcome.status, outcome.error,
+                            spec.job_id)
                 continue
             if outcome.status == "pending":
                 handed = ledger.hand_off(key, spec.job_id, view)

@@ -152,8 +152,9 @@ class Tally:
     skipped: Counter = field(default_factory=Counter)  # reason -> count
     failed: dict[str, list[Any]] = field(default_factory=dict)  # reason -> task ids
     pending: int = 0  # jobs not finished when the run ended
-    canceled: int = 0  # queued jobs canceled when interrupted
+    canceled: int = 0  # queued jobs canceled (at the Ctrl-C question, or by --cancel / DELETE /batches)
     batch: str | None = None  # this run's batch id
+    left_queued: bool = False  # interrupted, and its queued jobs left to the workers
     planned: int = 0  # tasks a dry run would predict
     unlisted: bool = False  # interrupted before every task was looked at
     limit_reached: bool = False
@@ -185,7 +186,7 @@ class Tally:
                 "skipped": sum(self.skipped.values()), "skipped_reasons": dict(self.skipped),
                 "failed": self.failed_count, "failed_reasons": {k: len(v) for k, v in self.failed.items()},
                 "failed_tasks": {k: v for k, v in self.failed.items()}, "pending": self.pending,
-                "canceled": self.canceled, "batch": self.batch,
+                "canceled": self.canceled, "batch": self.batch, "left_queued": self.left_queued,
                 "planned": self.planned,
                 "interrupted": self.interrupted, "limit_reached": self.limit_reached,
                 "seconds": round(self.seconds, 3), "images_per_minute": round(self.per_minute, 3)}
@@ -438,6 +439,8 @@ class Prelabel:
                 continue
             elif outcome.status == "finished":
                 tally.predicted += 1
+            elif outcome.status == "canceled":
+                tally.canceled += 1
             else:
                 tally.fail(item.task_id, outcome.error or "unknown error")
                 bar.set_postfix(failed=tally.failed_count, refresh=False)
@@ -501,9 +504,12 @@ class Prelabel:
         except KeyboardInterrupt:
             tally.interrupted = True
             self.close_bar()
-            if self.watch and self.ask_cancel():
-                tally.canceled = batches.cancel(self.conn, tally.batch, self.settings.result_ttl)
-                tally.pending -= tally.canceled
+            if self.watch:
+                tally.left_queued = not self.ask_cancel()
+                if not tally.left_queued:
+                    removed = batches.cancel(self.conn, tally.batch, self.settings.result_ttl)
+                    tally.canceled += removed
+                    tally.pending -= removed
             self.summary()
             return EXIT_INTERRUPTED
         self.summary()
@@ -569,6 +575,9 @@ class Prelabel:
         self.say(f"  predicted: {tally.predicted}")
         self._skipped_lines("skipped")
         self._failed_lines("failed")
+        if tally.canceled:
+            self.say(f"  canceled: {tally.canceled} queued job(s) of batch {tally.batch}; run the same command again "
+                     "to predict those tasks")
         if tally.requeued:
             self.say(f"  re-enqueued: {tally.requeued} job(s) that had vanished from Redis")
         if tally.left_out:
@@ -577,13 +586,10 @@ class Prelabel:
             self.say(f"  limit reached (--limit {self.args.limit}): run again to continue with the next tasks")
         self.say(f"  {tally.predicted} image(s) in {tally.seconds:.1f} s: {tally.per_minute:.1f} images per minute")
         if tally.interrupted:
-            if tally.canceled:
-                self.say(f"  canceled: {tally.canceled} queued job(s) of batch {tally.batch}")
             self.say(f"  still queued or running: {tally.pending} job(s); the workers finish them and write their "
                      "predictions"
-                     + ("" if tally.canceled or not tally.pending else
-                        f" (left running; cancel them with `hybridgl prelabel --project {self.project_id} --cancel "
-                        f"{tally.batch}`)")
+                     + (f" (left to them: cancel with `hybridgl prelabel --project {self.project_id} --cancel "
+                        f"{tally.batch}`)" if tally.left_queued else "")
                      + ("; some tasks were not looked at yet" if tally.unlisted else ""))
             self.say("Re-run the same command to finish the rest: tasks already predicted are skipped and queued "
                      "jobs are joined, so no task gets a second prediction.")

@@ -55,7 +55,7 @@ def connect(url: str) -> redis.Redis:
 @dataclass
 class JobOutcome:
     job_id: str
-    status: str  # finished | failed | pending
+    status: str  # finished | failed | canceled | pending
     value: Any = None
     error: str | None = None
 
@@ -149,6 +149,8 @@ class JobQueue:
             return JobOutcome(job_id, "pending")  # running (again): an older failed result is history
         if status == JobStatus.FAILED or (result is not None and result.type == Result.Type.FAILED):
             return JobOutcome(job_id, "failed", error=job_error(job, result))
+        if status == JobStatus.CANCELED:
+            return JobOutcome(job_id, "canceled", error="canceled before it ran (DELETE /batches or prelabel --cancel)")
         return JobOutcome(job_id, "pending")
 
     def depths(self) -> dict[str, int]:

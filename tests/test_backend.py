@@ -119,12 +119,13 @@ def test_a_bad_task_does_not_fail_the_others(stack, image_server, redis_url):
     from rq import Queue
     from rq.registry import FailedJobRegistry
 
+    from backend.jobspec import batch_queue
     from backend.queue import job_error
 
     conn = redis.Redis.from_url(redis_url)
-    registry = FailedJobRegistry(queue=Queue("batch", connection=conn))
+    registry = FailedJobRegistry(queue=Queue(batch_queue("7"), connection=conn))
     reasons = {}
-    for job in Queue("batch", connection=conn).job_class.fetch_many(registry.get_job_ids(), connection=conn):
+    for job in Queue(batch_queue("7"), connection=conn).job_class.fetch_many(registry.get_job_ids(), connection=conn):
         reasons[job.args[0]["task_id"]] = job_error(job, job.latest_result())
     assert "404" in reasons[13] or "not found" in reasons[13].lower()
     assert "file" in reasons[14].lower()

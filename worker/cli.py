@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     prelabel.add_arguments(pre)
     pre.set_defaults(func=prelabel.run)
 
-    bat = sub.add_parser("batches", help="list the batches (prelabel runs, Retrieve Predictions) and their progress",
+    bat = sub.add_parser("batches", help="the batches (prelabel runs, Retrieve Predictions) and their progress",
                          description="Every prelabel run and Retrieve Predictions as a batch: counts, failures with "
                                      "reasons, rate and ETA (the same as GET /batches). Cancel one with `hybridgl "
                                      "prelabel --project ID --cancel BATCH`.")
