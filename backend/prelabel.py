@@ -335,6 +335,10 @@ class Prelabel:
         joined = self._status(item.job_id) in q.LIVE
         if not joined:
             self.wait_for_room()
+        if self.tally.batch is None:  # the first task to predict: the run becomes a batch
+            self.tally.batch = batches.create(self.conn, self.project_id, batches.PRELABEL)
+            self.say(f"batch {self.tally.batch}: see `hybridgl batches`; cancel with `hybridgl prelabel --project "
+                     f"{self.project_id} --cancel {self.tally.batch}`")
         if self.tally.first_enqueue is None:
             self.tally.first_enqueue = time.monotonic()
         self.jobs.enqueue(item.spec)
@@ -488,9 +492,6 @@ class Prelabel:
                  f"{self.client.url}; model_version {self.version or 'unknown (no worker is running)'}")
         if args.dry_run:
             return self.dry_run(config, project["label_config"])
-        tally.batch = batches.create(self.conn, self.project_id, batches.PRELABEL)
-        self.say(f"batch {tally.batch}: see `hybridgl batches`; cancel with `hybridgl prelabel --project "
-                 f"{self.project_id} --cancel {tally.batch}`")
         try:
             tally.unlisted = True
             for item in self.plan(config, project["label_config"]):

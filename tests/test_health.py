@@ -37,11 +37,15 @@ def test_health_reads_a_fixed_number_of_commands_whatever_the_keyspace(tmp_path)
                 with conn.pipeline(transaction=False) as pipe:
                     for k in range(filler):
                         pipe.set(f"rq:job:filler-{k}", "x")
+                    for project in range(filler // 1000):  # 30 projects' batch queues, 2 jobs each
+                        pipe.rpush(f"rq:queue:batch-{project}", "a", "b")
+                        pipe.sadd("rq:queues", f"rq:queue:batch-{project}")
                     pipe.execute()
                 before = _commands(conn)
                 body = web.get("/health").json()
                 counts.append(_commands(conn) - before - 1)  # less the INFO that reads the count
                 assert [w["name"] for w in body["workers"]] == ["w1"]
+                assert body["queues"]["batch"] == 2 * (filler // 1000)  # every project's batch queue
                 assert body["model_version"] == "v1" and body["status"] == "DEGRADED"
                 assert any(p.startswith("workers cannot reach Label Studio (since ") for p in body["problems"])
                 assert any("3.1700000000" in p for p in body["problems"])  # the withheld /setup token

@@ -440,3 +440,27 @@ def test_ctrl_c_at_a_terminal_asks_and_cancels_the_queued_jobs(ls, stack, redis_
         assert "canceled: 3 queued job(s) of batch" in out, out
         assert conn.llen(f"rq:queue:{batch_queue(project)}") == 0
     assert _predicted(ls, project) == {t: 0 for t in ids}
+
+
+def test_a_project_cap_holds_the_run_until_the_workers_take_its_jobs(ls, stack, redis_url, tmp_path):
+    """HYBRIDGL_PROJECT_MAX_QUEUED=2 with the worker frozen: the run enqueues 2 jobs and waits (saying why);
+    once the worker goes on, it enqueues the rest as jobs are taken and ends with one prediction each."""
+    project, ids = _project(ls, "capped", _tasks(ls, ["dog.jpg"] * 5))
+    conn = redis.Redis.from_url(redis_url)
+    queue_key = f"rq:queue:{batch_queue(project)}"
+    env = dict(stack["env"], HYBRIDGL_PROJECT_MAX_QUEUED="2")
+    summary = tmp_path / "capped.json"
+    log = tmp_path / "capped.log"
+    with _worker_paused(stack), open(log, "wb") as out:
+        process = subprocess.Popen(_command(project, summary=summary), env=env, cwd=REPO, stdout=out,
+                                   stderr=subprocess.STDOUT)
+        try:
+            wait_for(lambda: "HYBRIDGL_PROJECT_MAX_QUEUED" in log.read_text(), 120, "the run to wait for room")
+            assert conn.llen(queue_key) == 2
+        except BaseException:
+            process.kill()
+            raise
+    assert process.wait(RUN_TIMEOUT) == 0, log.read_text()
+    data = json.loads(summary.read_text())
+    assert data["predicted"] == 5 and data["enqueued"] == 5
+    _one_prediction_each(ls, redis_url, ids)
