@@ -11,7 +11,7 @@ its last job was added in any case.
 
 Cancel removes the batch's queued jobs from its project's queue, each with one atomic LREM (a job a
 worker took meanwhile is running and is left to finish and deliver), except those another live
-batch of the project also holds. A canceled job's id can be enqueued again (a re-run).
+batch of the project (one not canceled itself) also holds. A canceled job's id can be enqueued again (a re-run).
 
 Light: no torch, nothing from ``worker``.
 """
@@ -67,7 +67,7 @@ def create(conn: redis.Redis, project: Any, kind: str) -> str:
     now = q.redis_now(conn)
     with conn.pipeline(transaction=False) as pipe:
         pipe.hset(batch_key(batch_id), mapping={"project": project_id(project), "kind": kind, "created": now,
-                                                "queue": batch_queue(project), "canceled": 0})
+                                                "queue": batch_queue(project), "cancel_requested": 0})
         pipe.expire(batch_key(batch_id), BATCH_TTL)
         pipe.zadd(BATCHES_KEY, {batch_id: now})
         pipe.execute()
@@ -102,6 +102,7 @@ class BatchState:
     failed_reasons: dict[str, int] = field(default_factory=dict)
     rate_per_minute: float = 0.0  # jobs done per minute since the batch was created
     eta_seconds: float | None = None  # at that rate; None before the first job is done
+    cancel_requested: bool = False  # someone canceled it (it holds no queued job back from another cancel)
     state: str = "active"  # active | finished | canceled
 
     def as_dict(self) -> dict:
@@ -140,8 +141,9 @@ def state(conn: redis.Redis, batch_id: str) -> BatchState:
     left = result.queued + result.running + result.retrying
     if result.done and left:
         result.eta_seconds = round(left / (result.done / elapsed), 1)
+    result.cancel_requested = bool(int(record.get("cancel_requested") or 0))
     if left == 0:
-        result.state = "canceled" if int(record.get("canceled") or 0) and result.canceled else "finished"
+        result.state = "canceled" if result.cancel_requested and result.canceled else "finished"
     return result
 
 
@@ -177,10 +179,10 @@ def cancel(conn: redis.Redis, batch_id: str, result_ttl: int) -> int:
     current = state(conn, batch_id)  # raises BatchNotFound
     queue_name = conn.hget(batch_key(batch_id), "queue").decode()
     mine = {m.decode() for m in conn.smembers(jobs_key(batch_id))}
+    conn.hset(batch_key(batch_id), "cancel_requested", 1)
     for other in listing(conn, current.project):
-        if other.id != batch_id and other.state == "active":
+        if other.id != batch_id and other.state == "active" and not other.cancel_requested:
             mine -= {m.decode() for m in conn.smembers(jobs_key(other.id))}
-    conn.hset(batch_key(batch_id), "canceled", 1)
     if not mine:
         return 0
     registry = CanceledJobRegistry(queue_name, connection=conn)
