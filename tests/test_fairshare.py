@@ -37,6 +37,7 @@ CONFIG = """<View>
   <BrushLabels name="mask" toName="image"><Label value="Dog"/></BrushLabels>
 </View>"""
 BIG, SMALL = 200, 5
+HELD = 3  # jobs of the big batch that a re-run also holds when it is canceled
 BIG_PROJECT, SMALL_PROJECT = "1", "2.1700000000"
 
 
@@ -83,10 +84,8 @@ def test_a_small_request_overtakes_a_big_batch_and_the_big_batch_is_canceled(sha
     wait_for(lambda: _status(conn, big_ids).count("finished") >= 2, 300, "the worker to run the big batch")
 
     # Retrieve Predictions on 5 tasks of another project, pressed twice at once (two concurrent callers).
-    tasks = [{"id": 1, "data": {"image": shared["image"], "prompt": "the dog"}, "predictions": []}
-             for _ in range(SMALL)]
-    for k, task in enumerate(tasks):
-        task["id"] = 1 + k
+    tasks = [{"id": 1 + k, "data": {"image": shared["image"], "prompt": "the dog"}, "predictions": []}
+             for k in range(SMALL)]
     arrived = q.redis_now(conn)
     answers: list = [None, None]
 
@@ -103,7 +102,7 @@ def test_a_small_request_overtakes_a_big_batch_and_the_big_batch_is_canceled(sha
     # Each task's prediction is in exactly one of the two responses (the ledger), and all 5 are there.
     assert all(sum(bool(r[i]) for r in results) == 1 for i in range(SMALL)), results
 
-    small = [b for b in batches.listing(conn, SMALL_PROJECT)]
+    small = batches.listing(conn, SMALL_PROJECT)
     assert len(small) == 2 and all(b.done == SMALL and b.state == "finished" for b in small)
     small_ids = sorted({m.decode() for b in small for m in conn.smembers(batches.jobs_key(b.id))})
     assert len(small_ids) == SMALL  # the two requests joined the same jobs
@@ -119,12 +118,12 @@ def test_a_small_request_overtakes_a_big_batch_and_the_big_batch_is_canceled(sha
     print(f"big-batch jobs run while the {SMALL}-task request was served: {delayed}")
     assert delayed <= SMALL, delayed
 
-    # Cancel the big batch while another run of the same project holds its last 10 jobs: those stay.
+    # Cancel the big batch while another run of the same project holds its last HELD jobs: those stay.
     suspend(conn)  # the worker stops taking jobs (after the one it runs): what is queued stays queued
     wait_for(lambda: "started" not in _status(conn, big_ids), 300, "the running job to finish")
-    rerun, _ = _big_batch(conn, shared["image"], range(1000 + BIG - 10, 1000 + BIG))
+    rerun, _ = _big_batch(conn, shared["image"], range(1000 + BIG - HELD, 1000 + BIG))
     queued_before = _status(conn, big_ids).count("queued")
-    assert queued_before > 10
+    assert queued_before > HELD
     canceled: list = [None, None]
 
     def delete() -> None:
@@ -143,14 +142,14 @@ def test_a_small_request_overtakes_a_big_batch_and_the_big_batch_is_canceled(sha
     assert canceled[0].status_code == 200, canceled[0].text
     assert canceled[1].returncode == 0, canceled[1].stdout + canceled[1].stderr
     by_command = int(canceled[1].stdout.split("canceled ")[1].split(" ")[0])
-    assert canceled[0].json()["canceled"] + by_command == queued_before - 10
+    assert canceled[0].json()["canceled"] + by_command == queued_before - HELD
     statuses = _status(conn, big_ids)
-    assert statuses.count("canceled") == queued_before - 10 and statuses[-10:] == ["queued"] * 10
-    assert Queue(js.batch_queue(BIG_PROJECT), connection=conn).get_job_ids() == big_ids[-10:]
+    assert statuses.count("canceled") == queued_before - HELD and statuses[-HELD:] == ["queued"] * HELD
+    assert Queue(js.batch_queue(BIG_PROJECT), connection=conn).get_job_ids() == big_ids[-HELD:]
     state = web.get(f"/batches/{big}").json()
-    assert state["canceled"] == queued_before - 10 and state["queued"] == 10 and state["failed"] == 0
+    assert state["canceled"] == queued_before - HELD and state["queued"] == HELD and state["failed"] == 0
     assert state["done"] == BIG - queued_before
-    assert 'hybridgl_project_queue_depth{project="1"} 10' in web.get("/metrics").text
+    assert f'hybridgl_project_queue_depth{{project="1"}} {HELD}' in web.get("/metrics").text
     assert all(b.done == SMALL for b in batches.listing(conn, SMALL_PROJECT))  # untouched
 
     table = subprocess.run([sys.executable, "-m", "worker.cli", "batches", "--project", BIG_PROJECT],
