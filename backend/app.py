@@ -6,10 +6,7 @@ It never loads a model (no torch import): requests become RQ jobs that workers r
 
 from __future__ import annotations
 
-import base64
-import binascii
 import logging
-import secrets
 import time
 from typing import Any
 
@@ -18,12 +15,12 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from rq.exceptions import NoSuchJobError
-from rq.job import Job
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from backend import batches, delivery, interaction
+from backend import batches, cache_store, delivery, interaction
 from backend import jobspec as js
 from backend import queue as q
+from backend.access import AccessGuard
 from backend.config import ServeSettings
 from backend.labeling import LabelConfigError, LabelingConfig, parse_label_config
 from backend.labelstudio import prediction_versions
@@ -45,6 +42,7 @@ PROVISIONAL_VERSION = "hybridgl-waiting-for-worker"
 # /predict waits on at most this many of its first jobs (workers take them in order); the others of a
 # big selection are handed off at once, so that waiting costs the same whatever the selection's size.
 BATCH_WAITED = 256
+ASSUMED_ENTRY_BYTES = 2**20  # an index's size in the shared cache before any is there to measure (README table)
 
 
 class ApiError(Exception):
@@ -58,7 +56,10 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
     settings = settings or ServeSettings.from_env()
     conn = q.connect(settings.redis_url)
     # /health must stay fast even when Redis hangs: its own connection with short timeouts.
-    health_conn = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=0.3, socket_timeout=0.3)
+    health_conn = q.connect(settings.redis_url, socket_connect_timeout=0.3, socket_timeout=0.3, health_check_interval=0)
+    cache_conn = q.connect(settings.cache_url) if settings.cache_url else conn
+    cache_health_conn = (q.connect(settings.cache_url, socket_connect_timeout=0.3, socket_timeout=0.3, health_check_interval=0)
+                         if settings.cache_url else health_conn)
     jobs = q.JobQueue(conn, settings.job_timeout, settings.result_ttl, settings.job_retries)
     ledger = delivery.Ledger(conn, settings.result_ttl)
     app = FastAPI(title="HybridGL ML backend for Label Studio", version="0.1.0",
@@ -115,28 +116,8 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
         return JSONResponse({"error": f"internal error ({type(exc).__name__}); the backend's log has the details"},
                             status_code=500)
 
-    # --- auth: with BASIC_AUTH_USER set, every path (/docs and /openapi.json too) needs it ----------
-    def authorized(request: Request) -> bool:
-        expected = settings.basic_auth
-        if expected is None:
-            return True
-        header = request.headers.get("authorization", "")
-        user = password = ""
-        if header.lower().startswith("basic "):
-            try:
-                user, _, password = base64.b64decode(header[6:].strip()).decode().partition(":")
-            except (binascii.Error, UnicodeDecodeError, ValueError):
-                pass
-        return (secrets.compare_digest(user.encode(), expected[0].encode())
-                and secrets.compare_digest(password.encode(), expected[1].encode()))
-
-    @app.middleware("http")
-    async def require_auth(request: Request, call_next):
-        if not authorized(request):
-            return JSONResponse({"error": "authentication required: use the Basic auth user and password "
-                                          "configured on the backend (BASIC_AUTH_USER / BASIC_AUTH_PASS)"},
-                                status_code=401, headers={"WWW-Authenticate": 'Basic realm="hybridgl"'})
-        return await call_next(request)
+    # --- auth and body size: with BASIC_AUTH_USER set, every path (/docs and /openapi.json too) needs it
+    app.add_middleware(AccessGuard, settings=settings)
 
     def model_version() -> str:
         return q.current_model_version(conn) or PROVISIONAL_VERSION
@@ -152,7 +133,7 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
                                   problems=["Redis is unreachable: no job can run until it is back"])
             return JSONResponse(body.model_dump(), status_code=503)
         workers, version = state.workers, state.model_version
-        tokenless = [] if settings.label_studio_api_key else state.tokenless
+        tokenless = [] if settings.label_studio_url and settings.label_studio_api_key else state.tokenless
         if not workers:
             problems.append("no worker is running: jobs wait in the queue until `hybridgl worker` starts")
         if tokenless:
@@ -162,18 +143,33 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
         if len(versions) > 1:
             problems.append(f"workers run different model versions: {sorted(versions)}")
         problems += state.problems  # what workers saw: Label Studio unreachable, a worker died, ...
+        try:
+            cache = {name: figures.to_dict() for name, figures in cache_store.read_stats(cache_health_conn).items()}
+        except redis.RedisError as exc:
+            cache = {}
+            problems.append(f"the image-index cache's Redis (HYBRIDGL_CACHE_URL) is unreachable "
+                            f"({type(exc).__name__}): workers build every index anew until it is back")
         return HealthResponse(status="DEGRADED" if problems else "UP", model_version=version, redis="ok",
-                              workers=workers, queues=state.depths, problems=problems)
+                              workers=workers, queues=state.depths, problems=problems, cache=cache)
 
-    @app.post("/setup", response_model=SetupResponse)
-    async def setup(body: SetupRequest):
+    @app.post("/setup", response_model=SetupResponse, responses={409: {"model": ErrorResponse}})
+    def setup(body: SetupRequest):
+        """A plain function: FastAPI runs it in its thread pool, off the event loop (it parses XML, reads Redis)."""
         if body.schema_:
             parse_label_config(body.schema_)  # a config we cannot serve fails here, visibly
-        if body.project and body.hostname and not (settings.label_studio_url and settings.label_studio_api_key):
-            # The workers need Label Studio's address (and a token) to fetch images and write results. The
-            # token is kept only encrypted (HYBRIDGL_SECRET_KEY), and only when the workers have none of their own.
-            q.save_setup(conn, body.project, body.hostname,
-                         None if settings.label_studio_api_key else body.access_token, settings.secret_key)
+        # Kept for the workers only from a /setup that passed the Basic auth (an open /setup would let anyone
+        # name the host tokens go to), and only what LABEL_STUDIO_URL / _API_KEY leave open (a key without a
+        # URL goes nowhere: then the token is /setup's). The token is kept only encrypted
+        # (HYBRIDGL_SECRET_KEY); the first /setup of a project pins its address.
+        if body.project and settings.basic_auth is not None and not (settings.label_studio_url
+                                                                      and settings.label_studio_api_key):
+            hostname = None if settings.label_studio_url else body.hostname
+            if hostname or body.access_token:
+                try:
+                    q.save_setup(conn, body.project, hostname, body.access_token, settings.secret_key)
+                except q.SetupPinned as exc:
+                    log.warning("/setup refused: %s", exc)
+                    raise ApiError(409, str(exc)) from None
         return SetupResponse(model_version=model_version())
 
     @app.post("/predict", response_model=PredictResponse)
@@ -235,7 +231,7 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
                 continue
             if not req.expressions:
                 if config.interactive and settings.warm_on_open and req.image:
-                    _warm(req.image, req.task_id, body.project)
+                    _warm(req.image, req.task_id, body.project, interactive=True)
                 continue
             if version in prediction_versions(task):
                 continue  # Label Studio has this task's prediction already
@@ -266,12 +262,24 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
                 entries[i] = answer
         return entries
 
-    def _warm(image: str, task_id: Any, project: str | None) -> None:
-        jobs.enqueue(js.warm_job(project=project, task_id=task_id, image=image))
+    def _warm(image: str, task_id: Any, project: str | None, interactive: bool) -> None:
+        jobs.enqueue(js.warm_job(project=project, task_id=task_id, image=image, interactive=interactive))
+
+    def warmup_room() -> int:
+        """Warm-ups worth enqueueing now: what the shared cache can hold, less those already waiting
+        (more would evict each other before anyone asks), at most HYBRIDGL_WARMUP_PER_IMPORT."""
+        try:
+            figures = cache_store.read_stats(cache_conn)[cache_store.INDEX]
+        except redis.RedisError:
+            figures = cache_store.StoreStats()
+        capacity = ((settings.index_cache_bytes - cache_store.STRUCTURE_BYTES)
+                    // int(figures.mean_entry_bytes or ASSUMED_ENTRY_BYTES))
+        return max(0, min(settings.warmup_per_import, capacity - jobs.depths()[q.WARMUP]))
 
     @app.post("/webhook", response_model=WebhookResponse)
     def webhook(body: WebhookRequest):
-        """Label Studio gives webhooks 1 s: acknowledge; TASKS_CREATED warms the new images' indexes."""
+        """Label Studio gives webhooks 1 s: acknowledge; TASKS_CREATED warms the new images' indexes, as many
+        as the cache has room for (the rest are counted in hybridgl_warmups_not_enqueued_total)."""
         if body.action != "TASKS_CREATED" or not body.tasks or not body.project:
             return WebhookResponse(status="ignored")
         try:
@@ -280,21 +288,25 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
             return WebhookResponse(status="ignored")
         project = body.project.get("id")
         project_uid = _project_uid(body.project)
-        enqueued = 0
-        for task in body.tasks[:10_000]:
+        images = []
+        for task in body.tasks:
             data = task.get("data")
             image = data.get(config.image_key) if isinstance(data, dict) else None
             if isinstance(image, str) and image:
-                _warm(image, task.get("id"), project_uid or project)
-                enqueued += 1
-        return WebhookResponse(status="ok", enqueued=enqueued)
+                images.append((image, task.get("id")))
+        room = warmup_room()
+        for image, task_id in images[:room]:
+            _warm(image, task_id, project_uid or project, config.interactive)
+        if len(images) > room:
+            q.count(conn, "warmups_not_enqueued", len(images) - room)
+        return WebhookResponse(status="ok", enqueued=min(room, len(images)))
 
     # --- operations ----------------------------------------------------------------------------
     @app.get("/jobs/{job_id}", response_model=JobStatusResponse, responses={404: {"model": ErrorResponse}})
     def job_status(job_id: str):
         shown = job_id if len(job_id) <= 100 else job_id[:97] + "..."
         try:
-            job = Job.fetch(job_id, connection=conn)
+            job = q.fetch_job(job_id, conn)
         except NoSuchJobError:
             raise ApiError(404, f"no job {shown}: it never existed or its record expired "
                                 "(HYBRIDGL_RESULT_TTL)") from None
@@ -335,7 +347,7 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
 
     @app.get("/metrics", response_class=PlainTextResponse)
     def metrics():
-        return PlainTextResponse(render_metrics(conn, jobs), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(render_metrics(conn, jobs, cache_conn), media_type="text/plain; version=0.0.4")
 
     return app
 
@@ -354,7 +366,7 @@ def _project_uid(project: dict) -> str | None:
     return f"{project['id']}.{stamp}"
 
 
-def render_metrics(conn: redis.Redis, jobs: q.JobQueue) -> str:
+def render_metrics(conn: redis.Redis, jobs: q.JobQueue, cache_conn: redis.Redis | None = None) -> str:
     """Prometheus text format."""
     from rq.registry import FailedJobRegistry, StartedJobRegistry
 
@@ -396,6 +408,23 @@ def render_metrics(conn: redis.Redis, jobs: q.JobQueue) -> str:
         ("hybridgl_tasks_handed_off_total", "tasks_handed_off", "Tasks whose job outlived the /predict budget."),
         ("hybridgl_tasks_rejected_total", "tasks_rejected", "Tasks refused for bad input."),
         ("hybridgl_job_failures_total", "jobs_failed", "Jobs that failed for bad input."),
+        ("hybridgl_warmups_skipped_total", "warmups_skipped", "Warm-ups skipped: the cache was full of recently used entries."),
+        ("hybridgl_warmups_not_enqueued_total", "warmups_not_enqueued", "Imported tasks not warmed: beyond the cache's room or HYBRIDGL_WARMUP_PER_IMPORT."),
+        ("hybridgl_index_oom_retries_total", "index_oom_retries", "Jobs out of memory that emptied the worker's index cache and tried again."),
     ):
         metric(name, "counter", help_text, [({}, counters.get(key, 0.0))])
+    try:
+        stores = cache_store.read_stats(cache_conn if cache_conn is not None else conn)
+    except redis.RedisError:
+        stores = {}  # the cache's own Redis is down: /health says so; the queue's figures still count
+    for suffix, kind, help_text in (
+        ("bytes", "gauge", "Bytes the shared cache holds per store (index, embedding)."),
+        ("budget", "gauge", "Byte budget of each store (HYBRIDGL_INDEX_CACHE_BYTES, HYBRIDGL_EMBEDDING_CACHE_BYTES)."),
+        ("entries", "gauge", "Entries per store."),
+        ("hits", "counter", "Lookups found in the shared cache."),
+        ("misses", "counter", "Lookups not found in the shared cache."),
+        ("evictions", "counter", "Entries evicted to stay within the budget."),
+    ):
+        metric(f"hybridgl_index_cache_{suffix}" + ("_total" if kind == "counter" else ""), kind, help_text,
+               [({"store": name}, float(getattr(figures, suffix))) for name, figures in stores.items()])
     return "\n".join(lines) + "\n"

@@ -132,7 +132,7 @@ def state(conn: redis.Redis, batch_id: str) -> BatchState:
     result.expired = counts["expired"]
     failed_ids = [j for j, s in zip(job_ids, statuses) if s in (b"failed", b"stopped")][:REASONS_READ]
     reasons: Counter = Counter()
-    for job in Job.fetch_many(failed_ids, connection=conn) if failed_ids else []:
+    for job in q.fetch_jobs(failed_ids, conn) if failed_ids else []:
         if job is not None:
             reasons[q.job_error(job, job.latest_result())] += 1
     result.failed_reasons = dict(reasons.most_common())
@@ -185,7 +185,7 @@ def cancel(conn: redis.Redis, batch_id: str, result_ttl: int) -> int:
             mine -= {m.decode() for m in conn.smembers(jobs_key(other.id))}
     if not mine:
         return 0
-    registry = CanceledJobRegistry(queue_name, connection=conn)
+    registry = q.registry(CanceledJobRegistry, queue_name, conn)
     removed = conn.eval(_CANCEL, 2, Queue.redis_queue_namespace_prefix + queue_name, registry.key,
                         int(q.redis_now(conn)) + result_ttl, *sorted(mine))
     return len(removed)

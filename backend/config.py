@@ -20,11 +20,12 @@ def _env(name: str, default: Any, help: str):
 
 @dataclass(frozen=True)
 class ServeSettings:
-    redis_url: str = _env("REDIS_URL", "redis://127.0.0.1:6379/0", "Redis that holds the queues, results and the shared image-index cache.")
-    label_studio_url: str = _env("LABEL_STUDIO_URL", "", "Label Studio's address, for images and for writing predictions (else the hostname Label Studio sends in /setup).")
-    label_studio_api_key: str = _env("LABEL_STUDIO_API_KEY", "", "Legacy token or personal access token of a Label Studio user (else the token Label Studio sends in /setup).")
+    redis_url: str = _env("REDIS_URL", "redis://127.0.0.1:6379/0", "Redis that holds the queues and results (and the shared image-index cache unless HYBRIDGL_CACHE_URL names another).")
+    label_studio_url: str = _env("LABEL_STUDIO_URL", "", "Label Studio's address, for images and for writing predictions: the only address tokens are sent to. Unset: the hostname of an authenticated /setup (Basic auth on), pinned per project, with that /setup's token only.")
+    label_studio_api_key: str = _env("LABEL_STUDIO_API_KEY", "", "Legacy token or personal access token of a Label Studio user, sent only to LABEL_STUDIO_URL (else the token an authenticated /setup sends).")
     basic_auth_user: str = _env("BASIC_AUTH_USER", "", "With BASIC_AUTH_PASS: require HTTP Basic auth on every endpoint.")
-    basic_auth_pass: str = _env("BASIC_AUTH_PASS", "", "Password for BASIC_AUTH_USER.")
+    basic_auth_pass: str = _env("BASIC_AUTH_PASS", "", "Password for BASIC_AUTH_USER (`hybridgl serve` refuses an empty one and the example's).")
+    max_body_bytes: int = _env("HYBRIDGL_MAX_BODY_BYTES", 32 * 2**20, "Largest request body the web process reads, in bytes (larger: HTTP 413).")
     secret_key: str = _env("HYBRIDGL_SECRET_KEY", "", "Any long random string, the same on backend and workers: encrypts the Label Studio token that /setup receives before it is kept in Redis for the workers. Unset: that token is not kept (workers then need LABEL_STUDIO_API_KEY).")
     host: str = _env("HYBRIDGL_HOST", "0.0.0.0", "Address `hybridgl serve` listens on.")
     port: int = _env("HYBRIDGL_PORT", 9090, "Port `hybridgl serve` listens on.")
@@ -33,8 +34,13 @@ class ServeSettings:
     job_timeout: int = _env("HYBRIDGL_JOB_TIMEOUT", 600, "Seconds after which a worker abandons a job.")
     job_retries: int = _env("HYBRIDGL_JOB_RETRIES", 3, "Retries of a job that failed for a transient reason (network, Label Studio down) or whose worker died, after 2, 10, 30, then 60 s.")
     result_ttl: int = _env("HYBRIDGL_RESULT_TTL", 3600, "Seconds finished and failed jobs stay visible at /jobs/{id}.")
-    index_ttl: int = _env("HYBRIDGL_INDEX_TTL", 7 * 24 * 3600, "Seconds an image index stays in the Redis cache.")
-    memory_indexes: int = _env("HYBRIDGL_MEMORY_INDEXES", 16, "Image indexes each worker keeps in memory (LRU).")
+    cache_url: str = _env("HYBRIDGL_CACHE_URL", "", "Redis of the shared image-index cache (empty = REDIS_URL's). A Redis of its own should run with maxmemory above the cache budgets and maxmemory-policy volatile-lru (evicts the cache's values, never its bookkeeping); the queue's Redis keeps noeviction (our budgets bound the cache there).")
+    index_cache_bytes: int = _env("HYBRIDGL_INDEX_CACHE_BYTES", 2**30, "Byte budget of the shared image-index cache in Redis (masks, features: what a new expression needs); least recently used entries are evicted beyond it. Size: images to keep x bytes per entry (README, Performance).")
+    embedding_cache_bytes: int = _env("HYBRIDGL_EMBEDDING_CACHE_BYTES", 256 * 2**20, "Byte budget of the shared cache of SAM image embeddings (about 2 MB each, fp16), kept for interactive configs only: clicks need them.")
+    index_ttl: int = _env("HYBRIDGL_INDEX_TTL", 7 * 24 * 3600, "Seconds an unused entry stays in the shared cache (each use starts the count again).")
+    memory_index_bytes: int = _env("HYBRIDGL_MEMORY_INDEX_BYTES", 512 * 2**20, "Bytes of image indexes each worker keeps in memory (LRU; full-resolution masks take a byte per pixel per mask: 240 MB for 30 masks on an 8-megapixel photo). Counted in HYBRIDGL_JOB_MEMORY: keep it well below.")
+    warmup_per_import: int = _env("HYBRIDGL_WARMUP_PER_IMPORT", 1000, "Most warm-up jobs one import (TASKS_CREATED webhook) enqueues; the shared cache's capacity bounds them too.")
+    warmup_protect_seconds: float = _env("HYBRIDGL_WARMUP_PROTECT_SECONDS", 3600.0, "A warm-up is skipped (and counted) when its index would evict a cache entry used within this many seconds.")
     label_names_as_prompts: str = _env("HYBRIDGL_LABEL_NAMES_AS_PROMPTS", "auto", "Use label names as expressions when a task has no prompt: auto (not for interactive configs), true, false.")
     warm_on_open: bool = _env("HYBRIDGL_WARM_ON_OPEN", True, "Build an image's index when an annotator opens its task in an interactive config.")
     image_allowed_hosts: str = _env("IMAGE_ALLOWED_HOSTS", "", "Comma-separated hosts (or *.domain) images may be fetched from besides Label Studio.")
@@ -59,7 +65,10 @@ class ServeSettings:
             kind = type(f.default)
             try:
                 if kind is bool:
-                    values[f.name] = raw.strip().lower() in ("1", "true", "yes", "on")
+                    word = raw.strip().lower()
+                    if word not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                        raise ValueError
+                    values[f.name] = word in ("1", "true", "yes", "on")
                 else:
                     values[f.name] = kind(raw)
             except ValueError:

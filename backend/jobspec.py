@@ -130,7 +130,9 @@ def prediction_job(*, model_version: str | None, project: Any, task_id: Any, ima
                    f"{'interactive' if interactive else 'predict'} task {task_id} ({origin})")
 
 
-def warm_job(*, project: Any, task_id: Any, image: str) -> JobSpec:
-    """Build an image's index ahead of the first prompt (one job per image and project)."""
-    return JobSpec(WARMUP, WARM_JOB, {"task_id": task_id, "project": project, "image": image},
+def warm_job(*, project: Any, task_id: Any, image: str, interactive: bool = False) -> JobSpec:
+    """Build an image's index ahead of the first prompt (one job per image and project); ``interactive``:
+    the config takes clicks, so SAM's embedding is shared too."""
+    return JobSpec(WARMUP, WARM_JOB, {"task_id": task_id, "project": project, "image": image,
+                                      "interactive": interactive},
                    _job_id("warm", [image, project_id(project)]), f"warm-up task {task_id}")

@@ -16,12 +16,18 @@ Rules:
   then config order.
 - ``keypoint_tag`` is the first ``<KeyPointLabels>`` (or ``<KeyPoint>``) pointing at the image
   with ``smart="true"`` or ``smartOnly="true"`` (clicks that Label Studio sends to /predict).
+- ``thresholds``: a ``<Label value="Car" hybridgl_threshold="0.4"/>`` sets that label's least
+  probability for a region to be an instance of it (``worker/hybridgl/instances.py``); labels
+  without one use the workers' ``HYBRIDGL_INSTANCE_THRESHOLD``. Label Studio 1.23.2 accepts and
+  keeps the attribute (tests/test_preview.py). A value that is not a number in
+  [0, 1], or two different values for one label, make the config unusable, with the reason.
 - Tag names are compared case-insensitively, as Label Studio's editor does. Other tags are ignored.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 from backend.errors import UserError
@@ -37,6 +43,7 @@ OUTPUT_TAGS: dict[str, tuple[str, str]] = {
 }
 _SUPPORTED = "BrushLabels, PolygonLabels or RectangleLabels"
 _IMAGE_EXAMPLE = '<Image name="image" value="$image"/>'
+THRESHOLD_ATTRIBUTE = "hybridgl_threshold"
 
 
 class LabelConfigError(UserError, ValueError):
@@ -61,6 +68,11 @@ class LabelingConfig:
     prompt_key: str | None
     keypoint_tag: str | None
     labels: tuple[str, ...]
+    thresholds: tuple[tuple[str, float], ...] = ()  # (label, least instance probability) set in the config
+
+    def threshold_for(self, label: str | None) -> float | None:
+        """The label's threshold from the config, None when it sets none."""
+        return dict(self.thresholds).get(label) if label is not None else None
 
     @property
     def interactive(self) -> bool:
@@ -138,11 +150,21 @@ def _parse(xml: str) -> LabelingConfig:
     image_key = value[1:]
 
     outputs: list[OutputTag] = []
+    thresholds: dict[str, float] = {}
     for control in all_outputs:
         if not points_at(control, image.name):
             continue
         kind, result_type = OUTPUT_TAGS[_lower(control)]
         labels = tuple(dict.fromkeys(str(v) for v in (control.labels or [])))
+        for label, tag in (getattr(control, "labels_attrs", None) or {}).items():
+            raw = (tag.attr or {}).get(THRESHOLD_ATTRIBUTE)
+            if raw is None:
+                continue
+            value = _threshold(str(label), raw)
+            if thresholds.setdefault(str(label), value) != value:
+                raise LabelConfigError(
+                    f'label "{label}" has two different {THRESHOLD_ATTRIBUTE} values ({thresholds[str(label)]:g} and '
+                    f"{value:g}) in different tags: give it one")
         outputs.append(OutputTag(name=control.name, to_name=image.name, kind=kind,
                                  result_type=result_type, labels=labels))
 
@@ -176,4 +198,17 @@ def _parse(xml: str) -> LabelingConfig:
     labels = tuple(dict.fromkeys(label for out in outputs for label in out.labels))
     return LabelingConfig(image_tag=image.name, image_key=image_key, outputs=tuple(outputs),
                           prompt_tag=prompt_tag, prompt_key=prompt_key,
-                          keypoint_tag=keypoint_tag, labels=labels)
+                          keypoint_tag=keypoint_tag, labels=labels,
+                          thresholds=tuple((label, thresholds[label]) for label in labels if label in thresholds))
+
+
+def _threshold(label: str, raw: object) -> float:
+    try:
+        value = float(str(raw).strip())
+    except ValueError:
+        value = math.nan
+    if not 0.0 <= value <= 1.0:  # NaN fails too
+        raise LabelConfigError(
+            f'<Label value="{label[:100]}" {THRESHOLD_ATTRIBUTE}="{str(raw)[:50]}">: the threshold must be a probability '
+            f'between 0 and 1 (the least confidence for a region to get this label), e.g. {THRESHOLD_ATTRIBUTE}="0.4"')
+    return value

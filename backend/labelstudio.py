@@ -11,11 +11,13 @@ import tasks, so an image reference is untrusted input):
 - Relative references (``/data/upload/...``, ``/data/local-files/?d=...``, ``/storage-data/...``,
   ``/tasks/<id>/presign/...``) are joined to Label Studio's URL; ``..`` segments are refused.
 - Absolute http(s) URLs to other hosts must match ``FetchPolicy.allowed_hosts`` (IMAGE_ALLOWED_HOSTS)
-  and must not resolve to private, loopback, link-local, multicast, reserved or unspecified
-  addresses (unless ``allow_private``; link-local, which holds the cloud metadata service, stays
-  refused). Every redirect hop is checked again, before any connection is made.
+  and must not resolve to private, loopback, reserved addresses (unless ``allow_private``) nor
+  ever to cloud metadata, link-local, multicast or unspecified ones, in any IPv6 spelling (see
+  :mod:`backend.fetchpolicy`). The host is resolved once per hop and the connection goes to the
+  address that was checked. Every redirect hop is checked again, before any connection is made.
 - Cloud URIs (s3://, gs://, gcs://, azure-blob://) go through Label Studio's presign endpoint; the
-  host Label Studio redirects to is trusted for that fetch (it may be a private MinIO), without token.
+  host Label Studio redirects to is trusted for that fetch (it may be a private MinIO, but never a
+  metadata address), without token.
 - Bodies are streamed and cut at ``max_bytes``; every request has explicit timeouts.
 
 Tokens never appear in exception messages, reprs or logs: they are held in a redacting wrapper and
@@ -26,21 +28,29 @@ from __future__ import annotations
 
 import base64
 import binascii
-import ipaddress
 import json
 import logging
 import re
-import socket
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, unquote
 
 import httpx
 
-from backend.errors import ConfigError, UserError
+from backend.errors import UserError
+from backend.fetchpolicy import (
+    ENV_ALLOWED_HOSTS,
+    ENV_MAX_BYTES,
+    PIN_EXTENSION,
+    AddressRefused,
+    FetchPolicy,
+    PinnedTransport,
+    ResolveFailed,
+    norm_host,
+    resolve_checked,
+)
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +66,6 @@ __all__ = [
 
 ENV_URL = "LABEL_STUDIO_URL"
 ENV_KEY = "LABEL_STUDIO_API_KEY"
-ENV_ALLOWED_HOSTS = "IMAGE_ALLOWED_HOSTS"
-ENV_MAX_BYTES = "IMAGE_MAX_BYTES"
-ENV_ALLOW_PRIVATE = "IMAGE_ALLOW_PRIVATE"
 ENV_TIMEOUT = "IMAGE_FETCH_TIMEOUT"
 
 CLOUD_SCHEMES = ("s3", "gs", "gcs", "azure-blob")
@@ -109,108 +116,6 @@ def prediction_versions(task: dict) -> set[str]:
     elif isinstance(joined, list):
         versions.update(str(v) for v in joined)
     return {v for v in versions if v}
-
-
-# --------------------------------------------------------------------------------------------
-# policy
-
-
-@dataclass(frozen=True)
-class FetchPolicy:
-    """What :meth:`LabelStudioClient.fetch_image` may download.
-
-    allowed_hosts: hosts besides Label Studio's own that images may come from: exact names
-        ("cdn.example.com", "10.1.2.3"), wildcards ("*.example.com", subdomains only), optionally
-        with a port ("images.local:8082" = that port only). The Label Studio token is never sent
-        to them.
-    max_bytes: largest body accepted.
-    timeout: seconds for connecting and for each read/write.
-    allow_private: let allow-listed hosts resolve to private/loopback addresses (an image server on
-        the internal network). Link-local (169.254.0.0/16, fe80::/10: cloud metadata) stays refused.
-        Label Studio's own host is always allowed, wherever it is.
-    """
-
-    allowed_hosts: tuple[str, ...] = ()
-    max_bytes: int = 50 * 2**20
-    timeout: float = 30.0
-    allow_private: bool = False
-
-    def __post_init__(self):
-        if isinstance(self.allowed_hosts, str):  # a comma-separated string from the environment
-            hosts = tuple(h.strip() for h in self.allowed_hosts.replace(" ", ",").split(",") if h.strip())
-            object.__setattr__(self, "allowed_hosts", hosts)
-        else:
-            object.__setattr__(self, "allowed_hosts", tuple(self.allowed_hosts))
-        if self.max_bytes <= 0:
-            raise ConfigError(f"{ENV_MAX_BYTES} must be positive, got {self.max_bytes}")
-        if self.timeout <= 0:
-            raise ConfigError(f"the image fetch timeout must be positive, got {self.timeout}")
-
-    @classmethod
-    def from_settings(cls, s) -> "FetchPolicy":
-        """The operator's policy (a ``backend.config.ServeSettings``), for workers and prelabel alike."""
-        return cls(allowed_hosts=s.allowed_hosts, max_bytes=s.image_max_bytes, allow_private=s.image_allow_private,
-                   timeout=s.image_fetch_timeout)
-
-    def allows_host(self, host: str, port: int | None) -> bool:
-        host = _norm_host(host)
-        for entry in self.allowed_hosts:
-            pattern, entry_port = _parse_host_entry(entry)
-            if not pattern or (entry_port is not None and entry_port != port):
-                continue
-            if pattern.startswith("*."):
-                if host.endswith(pattern[1:]) and len(host) > len(pattern) - 1:
-                    return True
-            elif host == pattern:
-                return True
-        return False
-
-
-def _norm_host(host: str) -> str:
-    return host.strip().lower().rstrip(".").strip("[]")
-
-
-def _parse_host_entry(entry: str) -> tuple[str, int | None]:
-    """'host', '*.domain', 'host:port', '[v6]:port' or a URL -> (host pattern, port or None)."""
-    entry = entry.strip()
-    if "://" in entry:
-        try:
-            url = httpx.URL(entry)
-        except Exception:
-            return "", None
-        return _norm_host(url.host), url.port
-    if entry.startswith("["):  # [v6] or [v6]:port
-        host, _, rest = entry[1:].partition("]")
-        port = rest[1:] if rest.startswith(":") else ""
-        return _norm_host(host), int(port) if port.isdigit() else None
-    if entry.count(":") == 1:
-        host, _, port = entry.partition(":")
-        if port.isdigit():
-            return _norm_host(host), int(port)
-    return _norm_host(entry), None  # a bare IPv6 address has several colons: no port
-
-
-def _blocked_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, allow_private: bool) -> str | None:
-    """Why this address may not be fetched from, or None."""
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    if ip.is_link_local:
-        return "link-local (cloud metadata service range)"
-    if ip.is_unspecified:
-        return "unspecified"
-    if ip.is_multicast:
-        return "multicast"
-    if allow_private:
-        return None
-    if ip.is_loopback:
-        return "loopback"
-    if ip.is_private:
-        return "private"
-    if ip.is_reserved:
-        return "reserved"
-    if not ip.is_global:
-        return "not globally routable"
-    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -266,7 +171,7 @@ def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
     port = url.port
     if port is None:
         port = {"http": 80, "https": 443}.get(url.scheme)
-    return url.scheme, _norm_host(url.host), port
+    return url.scheme, norm_host(url.host), port
 
 
 def _hostport(url: httpx.URL) -> str:
@@ -324,7 +229,8 @@ class LabelStudioClient:
         self._access_until = 0.0
         self._lock = threading.Lock()
         self._timeout = httpx.Timeout(policy.timeout)
-        self._http = httpx.Client(transport=transport, timeout=self._timeout, follow_redirects=False,
+        # Every connection an image host gets goes to the address the policy checked (PinnedTransport).
+        self._http = httpx.Client(transport=PinnedTransport(transport or httpx.HTTPTransport()), timeout=self._timeout, follow_redirects=False,
                                   headers={"User-Agent": "hybridgl-labelstudio"})
 
     # ---- housekeeping
@@ -683,8 +589,9 @@ class LabelStudioClient:
             raise AccessDenied(f"refusing to fetch {(shown or raw)[:200]}: '..' path segments are not allowed "
                                "(path traversal)")
 
-    def _check_hop(self, url: httpx.URL, trusted: set) -> bool:
-        """Policy for one request; returns whether it carries the Label Studio token. Raises
+    def _check_hop(self, url: httpx.URL, trusted: set) -> tuple[bool, str | None]:
+        """Policy for one request: (whether it carries the Label Studio token, the address to connect
+        to, or None for Label Studio's own origin, which the operator configured). Raises
         AccessDenied before any connection."""
         if url.scheme not in ("http", "https"):
             raise AccessDenied(f"refusing to fetch {url.scheme}: URLs (only http and https are fetched)")
@@ -692,44 +599,30 @@ class LabelStudioClient:
             raise AccessDenied("refusing to fetch a URL without a host")
         if self._is_ls(url):
             self._check_ls_path(url)
-            return True
-        if _origin(url) in trusted:
-            return False
-        host = _norm_host(url.host)
-        if not self.policy.allows_host(host, _origin(url)[2]):
+            return True, None
+        host, port = norm_host(url.host), _origin(url)[2] or 80
+        if _origin(url) in trusted:  # the storage Label Studio presigned for: may be a private MinIO
+            return False, self._checked_address(host, port, allow_private=True)
+        if not self.policy.allows_host(host, port):
             ls = f" (Label Studio is {self.url})" if self.url else ""
             raise AccessDenied(f"refusing to fetch from host {host!r}: it is not Label Studio{ls} and not in "
                                f"{ENV_ALLOWED_HOSTS}; add it there (comma-separated, '*.example.com' for "
                                "subdomains) to allow it")
-        self._check_addresses(host, _origin(url)[2] or 80)
-        return False
+        return False, self._checked_address(host, port, self.policy.allow_private)
 
-    def _check_addresses(self, host: str, port: int) -> None:
+    @staticmethod
+    def _checked_address(host: str, port: int, allow_private: bool) -> str:
         try:
-            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except socket.gaierror as exc:
-            raise ImageFetchError(f"cannot fetch from host {host!r}: it does not resolve ({exc.strerror})",
-                                  transient=exc.errno == socket.EAI_AGAIN) from None
-        except (UnicodeError, OSError) as exc:
-            raise ImageFetchError(f"cannot fetch from host {host!r}: it does not resolve ({exc})") from None
-        for info in infos:
-            address = info[4][0]
-            try:
-                ip = ipaddress.ip_address(address.split("%", 1)[0])
-            except ValueError:
-                raise AccessDenied(f"refusing to fetch from host {host!r}: it resolves to an unreadable "
-                                   "address") from None
-            why = _blocked_address(ip, self.policy.allow_private)
-            if why:
-                hint = (f"; set {ENV_ALLOW_PRIVATE}=true if images really are served on your internal network"
-                        if why in ("private", "loopback", "reserved", "not globally routable") else "")
-                raise AccessDenied(f"refusing to fetch from host {host!r}: it resolves to {address}, a {why} "
-                                   f"address{hint}")
+            return resolve_checked(host, port, allow_private)
+        except AddressRefused as exc:
+            raise AccessDenied(f"refusing to fetch from host {host!r}: {exc}") from None
+        except ResolveFailed as exc:
+            raise ImageFetchError(f"cannot fetch from host {host!r}: {exc}", transient=exc.transient) from None
 
     def _fetch(self, url: httpx.URL, trusted: set) -> bytes:
         for _hop in range(MAX_REDIRECTS + 1):
-            with_auth = self._check_hop(url, trusted)
-            response = self._send(url, with_auth)
+            with_auth, address = self._check_hop(url, trusted)
+            response = self._send(url, with_auth, address)
             try:
                 status = response.status_code
                 if status in REDIRECT_STATUSES:
@@ -763,10 +656,11 @@ class LabelStudioClient:
         raise self._error(ImageFetchError, f"cannot fetch the image: more than {MAX_REDIRECTS} redirects "
                           f"(last {self._describe(url)})")
 
-    def _send(self, url: httpx.URL, with_auth: bool) -> httpx.Response:
+    def _send(self, url: httpx.URL, with_auth: bool, address: str | None) -> httpx.Response:
         for attempt in (0, 1):
             headers = self.auth_headers() if with_auth else {}
-            request = self._http.build_request("GET", url, headers=headers)
+            request = self._http.build_request("GET", url, headers=headers,
+                                               extensions={PIN_EXTENSION: address} if address else None)
             try:
                 response = self._http.send(request, stream=True, follow_redirects=False)
             except httpx.HTTPError as exc:
@@ -825,14 +719,20 @@ class LabelStudioClient:
 def client_from(url: str | None, api_key: str | None, setup_hostname: str | None = None,
                 setup_token: str | None = None, policy: FetchPolicy | None = None, *,
                 transport: httpx.BaseTransport | None = None) -> LabelStudioClient | None:
-    """A client from LABEL_STUDIO_URL / LABEL_STUDIO_API_KEY, each falling back to what Label Studio
-    sent in /setup (``hostname``, ``access_token``); None when the address or the token is unknown.
+    """A client for the Label Studio the operator named; None when its address or a token is unknown.
 
-    Per field, so that a deployment can set only LABEL_STUDIO_URL (e.g. http://label-studio:8080
-    inside docker, where /setup's hostname is the browser's address) and use /setup's token."""
-    address = (url or "").strip() or (setup_hostname or "").strip()
-    key = _clean_key(api_key) or _clean_key(setup_token)
+    A token only ever goes to the origin it came with, never to an address a request named:
+    - LABEL_STUDIO_URL set: that address, with LABEL_STUDIO_API_KEY, else the token /setup sent
+      (e.g. http://label-studio:8080 inside docker, where /setup's hostname is the browser's
+      address); /setup's hostname is ignored.
+    - LABEL_STUDIO_URL unset: /setup's hostname with /setup's own token, both from the record an
+      authenticated /setup pinned (see backend.queue.save_setup). LABEL_STUDIO_API_KEY is never
+      sent there.
+    """
+    if (url or "").strip():
+        address, key = url.strip(), _clean_key(api_key) or _clean_key(setup_token)
+    else:
+        address, key = (setup_hostname or "").strip(), _clean_key(setup_token)
     if not address or not key:
         return None
     return LabelStudioClient(address, key, policy if policy is not None else FetchPolicy(), transport=transport)
-

@@ -81,6 +81,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="predict at most N tasks (tasks skipped or with invalid prompts do not count)")
     parser.add_argument("--dry-run", action="store_true",
                         help="say what would be done: enqueue nothing, write nothing")
+    parser.add_argument("--preview", type=_positive, metavar="N",
+                        help="predict N tasks spread over the project, write nothing to Label Studio, and write "
+                             "a page (--out DIR/index.html) showing each image's regions, labels, scores and the "
+                             "thresholds in force: tune thresholds before the full run")
+    parser.add_argument("--out", metavar="DIR", help="folder for the --preview page")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--cancel", nargs="?", const=ALL_RUNS, metavar="BATCH",
                         help="cancel instead of running: remove the queued jobs of the project's batches (prelabel "
@@ -380,7 +385,7 @@ class Prelabel:
 
     def _status(self, job_id: str):
         try:
-            return Job.fetch(job_id, connection=self.conn).get_status(refresh=False)
+            return q.fetch_job(job_id, self.conn).get_status(refresh=False)
         except Exception:  # noqa: BLE001 - no such job (or an unreadable one): enqueue anew
             return None
 
@@ -490,6 +495,10 @@ class Prelabel:
         title = project.get("title") or ""
         self.say(f"project {self.project_id} ({title!r}, {project.get('task_number', '?')} tasks) at "
                  f"{self.client.url}; model_version {self.version or 'unknown (no worker is running)'}")
+        if args.preview:
+            from backend.preview import run_preview
+
+            return run_preview(self, config, project["label_config"])
         if args.dry_run:
             return self.dry_run(config, project["label_config"])
         try:
@@ -641,6 +650,8 @@ def cancel(args: argparse.Namespace, settings: ServeSettings, conn: redis.Redis,
 def run(args: argparse.Namespace) -> int:
     """Run `hybridgl prelabel` with parsed arguments; returns the exit code."""
     try:
+        if getattr(args, "preview", None) and not getattr(args, "out", None):
+            raise PrelabelError("--preview needs --out DIR: the folder the preview page is written to")
         settings = ServeSettings.from_env()
         if args.cancel:
             conn = q.connect(settings.redis_url)

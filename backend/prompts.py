@@ -16,8 +16,14 @@ Where the expressions come from, first source that yields a non-blank one wins:
 3. ``"labels"``: each output label name becomes an expression labelled with itself. Used for
    non-interactive configs by default; for interactive configs (a prompt TextArea) only when
    ``label_names_as_prompts=True``, since Label Studio calls /predict with no context on every
-   task open and guessing every label there would be wasted (and unwanted) work.
+   task open and guessing every label there would be wasted (and unwanted) work. The workers
+   classify every region among all labels at once, so up to ``MAX_LABEL_PROMPTS`` labels work; a
+   label with no words (blank) cannot be a prompt and is left out.
 4. ``"none"``: nothing to segment.
+
+An expression whose text is one of the config's label names (case-insensitive) asks the workers
+for every instance of that label, as do plural expressions ("all the cars"); see
+``worker/hybridgl/instances.py``.
 
 The label of an expression: the one given in a ``{"text", "label"}`` item (must be one of the
 config's labels); else the config's only label; else the label whose name equals the text
@@ -33,11 +39,12 @@ from typing import Any
 from backend.errors import UserError
 from backend.labeling import LabelingConfig
 
-__all__ = ["MAX_EXPRESSIONS", "MAX_EXPRESSION_CHARS", "PromptError", "Expression", "Click",
+__all__ = ["MAX_EXPRESSIONS", "MAX_EXPRESSION_CHARS", "MAX_LABEL_PROMPTS", "PromptError", "Expression", "Click",
            "PredictionRequest", "build_request"]
 
 MAX_EXPRESSIONS = 100
 MAX_EXPRESSION_CHARS = 1000
+MAX_LABEL_PROMPTS = 1000  # label names are classified in one pass, so many more than expressions
 
 _EXPECTED_SHAPE = ('a string, a list of strings, or a list of {"text": ..., "label": ...} items, '
                    'e.g. "the dog on the left" or [{"text": "the dog on the left", "label": "Dog"}]')
@@ -121,9 +128,15 @@ def build_request(task: dict, context: dict | None, config: LabelingConfig, *,
     # (c) the output tags' label names
     if label_names_as_prompts is None:
         label_names_as_prompts = not config.interactive
-    if label_names_as_prompts and config.labels:
-        _check_count(len(config.labels), f"{who}: the label config's labels")
-        return make([Expression(label, label) for label in config.labels], [], "labels", False)
+    prompts = [label for label in config.labels if label.strip()]
+    if label_names_as_prompts and prompts:
+        where = f"{who}: the label config's labels"
+        if len(prompts) > MAX_LABEL_PROMPTS:
+            raise PromptError(f"{where}: {len(prompts)} labels, more than the limit of {MAX_LABEL_PROMPTS} label "
+                              "names used as prompts: split the labels across projects")
+        for label in prompts:
+            _check_text(label, where)
+        return make([Expression(label, label) for label in prompts], [], "labels", False)
 
     return make([], [], "none", False)
 

@@ -66,6 +66,9 @@ class HealthResponse(BaseModel):
     workers: list[dict[str, Any]] = []
     queues: dict[str, int] = {}
     problems: list[str] = []
+    cache: dict[str, dict[str, Any]] = Field(
+        {}, description="Shared image-index cache per store (index, embedding): bytes, budget, entries, hits, "
+                        "misses, hit_rate, evictions, refused")
 
 
 class JobStatusResponse(BaseModel):

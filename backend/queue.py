@@ -3,6 +3,11 @@
 Jobs are enqueued by dotted name (``worker.jobs.predict``), so this module, like the whole web
 process, never imports the worker's code or torch. What a job is (name, payload, id) is decided in
 ``backend.jobspec``; who delivers a task's prediction in ``backend.delivery``.
+
+Whoever can write to Redis must not gain code execution on the workers: every queue, job,
+registry and worker made here (and only here: use :func:`connect`, :func:`make_queue`,
+:func:`fetch_job`, :func:`registry`) uses RQ's JSON serializer, not pickle, and
+:class:`TrustedJob`, which runs only the functions in :data:`JOB_FUNCTIONS` and no callbacks.
 """
 
 from __future__ import annotations
@@ -19,13 +24,16 @@ from rq.exceptions import DuplicateJobError, NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.registry import CanceledJobRegistry, FailedJobRegistry
 from rq.results import Result
+from rq.serializers import JSONSerializer
 
 from backend.jobspec import (  # noqa: F401 - re-exported
     BATCH,
     BATCH_QUEUE_PREFIX,
     INTERACTIVE,
+    PREDICT_JOB,
     PREFIX,
     QUEUES,
+    WARM_JOB,
     WARMUP,
     JobSpec,
     batch_queue,
@@ -48,8 +56,52 @@ RUNNING = (JobStatus.QUEUED, JobStatus.STARTED, JobStatus.DEFERRED, JobStatus.SC
 LIVE = RUNNING + (JobStatus.FINISHED,)  # an enqueue of the same id joins these
 
 
-def connect(url: str) -> redis.Redis:
-    return redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=10, health_check_interval=30)
+SERIALIZER = JSONSerializer
+JOB_FUNCTIONS = frozenset({PREDICT_JOB, WARM_JOB})  # all that workers run
+
+
+class UntrustedJob(Exception):
+    """A job record names something other than a hybridgl job function (written to Redis by someone else)."""
+
+
+class TrustedJob(Job):
+    """An RQ job that only ever imports one of JOB_FUNCTIONS: RQ would import and call any dotted
+    name (and callbacks) a job record in Redis names."""
+
+    @property
+    def func(self):
+        if self.func_name not in JOB_FUNCTIONS or self.instance is not None:
+            raise UntrustedJob(f"refusing to run {str(self.func_name)[:100]!r}: workers only run "
+                               f"{', '.join(sorted(JOB_FUNCTIONS))}")
+        if self._success_callback_name or self._failure_callback_name or self._stopped_callback_name:
+            raise UntrustedJob("refusing a job with callbacks: hybridgl jobs have none")
+        return super().func
+
+    # Callbacks are never imported (RQ would import whatever name the record holds).
+    success_callback = failure_callback = stopped_callback = property(lambda self: None)
+
+
+def connect(url: str, **timeouts: float) -> redis.Redis:
+    """A connection to REDIS_URL (redis://, rediss:// for TLS, with user and password in the URL)."""
+    options = {"socket_connect_timeout": 2, "socket_timeout": 10, "health_check_interval": 30, **timeouts}
+    return redis.Redis.from_url(url, **options)
+
+
+def make_queue(name: str, conn: redis.Redis) -> Queue:
+    return Queue(name, connection=conn, serializer=SERIALIZER, job_class=TrustedJob)
+
+
+def fetch_job(job_id: str, conn: redis.Redis) -> Job:
+    return TrustedJob.fetch(job_id, connection=conn, serializer=SERIALIZER)
+
+
+def fetch_jobs(job_ids: list[str], conn: redis.Redis) -> list[Job | None]:
+    return TrustedJob.fetch_many(job_ids, connection=conn, serializer=SERIALIZER)
+
+
+def registry(kind: type, name: str, conn: redis.Redis):
+    """An RQ job registry (StartedJobRegistry, FailedJobRegistry, ...) of queue ``name``."""
+    return kind(name, connection=conn, serializer=SERIALIZER, job_class=TrustedJob)
 
 
 @dataclass
@@ -70,7 +122,7 @@ class JobQueue:
 
     def queue(self, name: str) -> Queue:
         if name not in self._queues:
-            self._queues[name] = Queue(name, connection=self.conn)
+            self._queues[name] = make_queue(name, self.conn)
         return self._queues[name]
 
     @property
@@ -88,7 +140,7 @@ class JobQueue:
         """
         for _ in range(5):
             try:
-                job = Job.fetch(spec.job_id, connection=self.conn)
+                job = fetch_job(spec.job_id, self.conn)
                 if job.get_status(refresh=False) in LIVE:
                     return job
                 self._discard_ended(spec.job_id, job.origin or spec.queue)
@@ -138,7 +190,7 @@ class JobQueue:
 
     def outcome(self, job_id: str) -> JobOutcome:
         try:
-            job = Job.fetch(job_id, connection=self.conn)
+            job = fetch_job(job_id, self.conn)
         except NoSuchJobError:
             return JobOutcome(job_id, "failed", error="the job is gone from Redis (expired, or Redis was restarted)")
         result = job.latest_result()
@@ -286,10 +338,11 @@ def current_model_version(conn: redis.Redis) -> str | None:
     return value.decode() if value else None
 
 
-# --- what Label Studio sent in /setup, for workers without LABEL_STUDIO_URL / _API_KEY --------
+# --- what an authenticated /setup sent, for workers without LABEL_STUDIO_URL / _API_KEY -----
 # Record: {"hostname": ..., and "token_encrypted": Fernet(HYBRIDGL_SECRET_KEY) token, or
 # "token_withheld": true when Label Studio sent a token but no secret key was set to encrypt it}.
-# The token is never kept in clear text.
+# The token is never kept in clear text. The hostname is pinned: the first /setup of a project
+# decides it, and a /setup naming another origin is refused until an admin resets the record.
 TOKEN_WITHHELD = ("workers have no Label Studio token: set LABEL_STUDIO_API_KEY on the workers (and the "
                   "backend), or HYBRIDGL_SECRET_KEY on backend and workers (then Label Studio's /setup token is "
                   "kept, encrypted, for the workers)")
@@ -302,6 +355,10 @@ def setup_key(project: Any) -> str:
 WITHHELD_KEY = f"{PREFIX}:setups-token-withheld"  # set of the projects whose /setup token was not kept
 
 
+class SetupPinned(Exception):
+    """/setup named another Label Studio than the one pinned for the project."""
+
+
 def _fernet(secret_key: str):
     import base64
 
@@ -311,17 +368,46 @@ def _fernet(secret_key: str):
     return Fernet(base64.urlsafe_b64encode(hashlib.sha256(secret_key.encode()).digest()))
 
 
+def _origin(address: str) -> tuple[str, str, int | None]:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(address.strip() if "://" in address else "http://" + address.strip())
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    return parts.scheme.lower(), (parts.hostname or "").rstrip("."), port or {"http": 80, "https": 443}.get(parts.scheme)
+
+
 def save_setup(conn: redis.Redis, project: str, hostname: str | None, token: str | None, secret_key: str) -> None:
-    record: dict[str, Any] = {"hostname": hostname}
-    if token:
-        if secret_key:
-            record["token_encrypted"] = _fernet(secret_key).encrypt(token.encode()).decode()
-        else:
-            record["token_withheld"] = True
-    with conn.pipeline(transaction=False) as pipe:
-        pipe.set(setup_key(project), json.dumps(record))
+    """Keep what an authenticated /setup sent. Raises SetupPinned when ``hostname`` is another
+    origin than the project's pinned one (atomic: of concurrent /setups naming different origins,
+    one pins and the others are refused)."""
+    key = setup_key(project)
+
+    def update(pipe) -> None:
+        raw = pipe.get(key)
+        try:
+            old = json.loads(raw) if raw else {}
+        except ValueError:
+            old = {}
+        pinned = old.get("hostname") if isinstance(old, dict) and isinstance(old.get("hostname"), str) else None
+        if hostname and pinned and _origin(hostname) != _origin(pinned):
+            raise SetupPinned(
+                f"project {project} is pinned to Label Studio at {pinned}, and this /setup names {hostname}: its "
+                f"token is not sent there. If Label Studio really moved, an admin resets the pin with "
+                f"`redis-cli DEL {key}` (or sets LABEL_STUDIO_URL on backend and workers)")
+        record: dict[str, Any] = {"hostname": pinned or hostname}
+        if token:
+            if secret_key:
+                record["token_encrypted"] = _fernet(secret_key).encrypt(token.encode()).decode()
+            else:
+                record["token_withheld"] = True
+        pipe.multi()
+        pipe.set(key, json.dumps(record))
         (pipe.sadd if record.get("token_withheld") else pipe.srem)(WITHHELD_KEY, str(project))
-        pipe.execute()
+
+    conn.transaction(update, key)
 
 
 def load_setup(conn: redis.Redis, project: Any, secret_key: str) -> tuple[str | None, str | None, str | None]:

@@ -113,11 +113,14 @@ def prediction(results: list[dict], score: float, model_version: str) -> dict:
 def mask_to_polygon(mask: np.ndarray, tolerance: float = 1.0) -> list[list[float]]:
     """The largest outer contour of ``mask`` as ``[[x%, y%], ...]``; ``[]`` for an empty mask.
 
-    Contours from ``cv2.findContours(RETR_EXTERNAL, CHAIN_APPROX_NONE)`` (holes are not cut
-    out), the largest by area (ties: more boundary points), simplified with
-    ``cv2.approxPolyDP(epsilon=tolerance)`` in pixels (0 keeps every boundary pixel). Points are
-    pixel coordinates (boundary pixel centres' indices) in percent of width/height. A blob too
-    thin to make three points (a pixel, a line) becomes the rectangle around its pixels.
+    The polygon runs along pixel edges, as the box does (a pixel ``(x, y)`` is the square
+    ``[x, x+1] x [y, y+1]``), so polygon, box and brush cover the same pixels: with
+    ``tolerance=0`` its area is the blob's pixel count and its bounds are the box. It is traced
+    with ``cv2.findContours(RETR_EXTERNAL, CHAIN_APPROX_NONE)`` on the mask upscaled 2x (each
+    pixel a 2x2 block, whose outer boundary pixels sit at ``2x`` and ``2x+1``), whose points
+    ``u`` map to the edge ``(u + 1) // 2``; holes are not cut out. The largest contour by area
+    (ties: more boundary points) is simplified with ``cv2.approxPolyDP(epsilon=tolerance)`` in
+    pixels (0 keeps every corner); points are in percent of width/height.
     """
     import cv2
 
@@ -125,17 +128,16 @@ def mask_to_polygon(mask: np.ndarray, tolerance: float = 1.0) -> list[list[float
     height, width = binary.shape
     if not binary.any():
         return []
-    contours, _ = cv2.findContours(np.ascontiguousarray(binary, dtype=np.uint8),
-                                   cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    doubled = np.ascontiguousarray(np.repeat(np.repeat(binary, 2, axis=0), 2, axis=1), dtype=np.uint8)
+    contours, _ = cv2.findContours(doubled, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
     largest = max(contours, key=lambda c: (cv2.contourArea(c), len(c)))
-    points = cv2.approxPolyDP(largest, float(max(tolerance, 0.0)), True).reshape(-1, 2)
-    if len(points) < 3:
-        points = largest.reshape(-1, 2)
-    if len(points) < 3 or cv2.contourArea(points.reshape(-1, 1, 2).astype(np.int32)) == 0:
-        # degenerate: a pixel or a straight line of pixels -> the rectangle around its pixels
-        x0, y0 = points.min(axis=0)
-        x1, y1 = points.max(axis=0) + 1
-        points = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]])
+    edges = (largest.reshape(-1, 2) + 1) // 2
+    keep = np.any(edges != np.roll(edges, 1, axis=0), axis=1)  # drop repeats the mapping makes
+    edges = edges[keep] if keep.any() else edges[:1]
+    edges = edges.reshape(-1, 1, 2).astype(np.int32)
+    points = cv2.approxPolyDP(edges, float(max(tolerance, 0.0)), True).reshape(-1, 2)
+    if len(points) < 3 or cv2.contourArea(points.reshape(-1, 1, 2)) == 0:
+        points = cv2.approxPolyDP(edges, 0.0, True).reshape(-1, 2)  # simplified away (a thin blob): every corner
     return [[float(x) * 100.0 / width, float(y) * 100.0 / height] for x, y in points]
 
 

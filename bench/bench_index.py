@@ -1,6 +1,6 @@
 """Index and query speed of the pipeline, against the plain and the official ways, in one run.
 
-    .venv/bin/python bench/bench_index.py [--precision auto] [--k 5] [--queries 20]
+    .venv/bin/python bench/bench_index.py [--precisions fp32,auto] [--repeats 3] [--k 5] [--queries 20] [--threads 2]
 
 Models: real MobileSAM and the real ViT-B/16 architecture with random weights (speed does not
 depend on the weights), both loaded by the production code from the test weights
@@ -12,11 +12,15 @@ Compared, all measured here in the same process:
   precision), then queries on the built index;
 - plain: segment-anything's stock generator, views composed at full resolution, fp32;
 - official: what the release does per expression: the plain index rebuilt for every expression.
+
+Index builds of the plain way and ours alternate, ``--repeats`` times, and per-step medians are
+reported, so that other work on the machine weighs on both alike (the load average is printed).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -81,9 +85,15 @@ def fmt(timings: dict) -> str:
     return ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()) + f"  (total {sum(timings.values()):.2f} s)"
 
 
+def medians(runs: list[dict]) -> dict:
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--precisions", default="fp32,auto", help="our precisions to measure, comma-separated")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="index builds per way, interleaved (plain, ours, plain, ours...): medians are reported")
     ap.add_argument("--k", type=int, default=5, help="expressions per image for the official-way comparison")
     ap.add_argument("--queries", type=int, default=20, help="queries timed on the built index")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -97,14 +107,25 @@ def main() -> int:
     plain = HybridGL(base)
     rgb = photo()
     print(f"device {plain.models.device}, threads {torch.get_num_threads()}, image {rgb.shape[1]}x{rgb.shape[0]}, "
-          f"CLIP {OPENAI_CLIP} (random weights), SAM vit_t (MobileSAM)")
-    plain.index(rgb)  # warm-up: first calls allocate and pick kernels
+          f"CLIP {OPENAI_CLIP} (random weights), SAM vit_t (MobileSAM); load average {os.getloadavg()[0]:.1f}")
+    ours = {p: HybridGL(base.replace(precision=p), replace(plain.models, dtype=pick_dtype(p, plain.models.device)))
+            for p in args.precisions.split(",")}
+    for pipeline in ours.values():
+        pipeline.index(rgb)  # warm-up: first calls allocate and pick kernels
 
-    t_plain = {}
-    start = time.perf_counter()
-    reference = plain_index(plain, rgb, t_plain)
-    plain_total = time.perf_counter() - start
-    print(f"plain index ({len(reference)} masks): {fmt(t_plain)}")
+    # Interleaved, so that a change in the machine's load hits every way alike.
+    plain_runs: list[dict] = []
+    our_runs: dict[str, list[dict]] = {p: [] for p in ours}
+    indexes: dict[str, ImageIndex] = {}
+    for _ in range(args.repeats):
+        plain_runs.append({})
+        reference = plain_index(plain, rgb, plain_runs[-1])
+        for precision, pipeline in ours.items():
+            our_runs[precision].append({})
+            indexes[precision] = pipeline.index(rgb, timings=our_runs[precision][-1])
+    plain_t = medians(plain_runs)
+    plain_total = statistics.median(sum(r.values()) for r in plain_runs)
+    print(f"plain index ({len(reference)} masks), medians of {args.repeats}: {fmt(plain_t)}")
 
     expressions = EXPRESSIONS[: args.k]
     start = time.perf_counter()
@@ -112,43 +133,44 @@ def main() -> int:
         plain._text_cache.clear()
         plain.query(plain_index(plain, rgb, {}), expression)
     official = time.perf_counter() - start
-    print(f"official way, K={args.k} expressions (plain index rebuilt per expression): {official:.1f} s")
+    if expressions:
+        print(f"official way, K={args.k} expressions (plain index rebuilt per expression): {official:.1f} s")
 
-    for precision in args.precisions.split(","):
-        settings = base.replace(precision=precision)
-        ours = HybridGL(settings, replace(plain.models, dtype=pick_dtype(precision, plain.models.device)))
-        print(f"\n--- ours, precision {precision} -> {ours.models.dtype}")
-        ours.index(rgb)  # warm-up
-        t_ours = {}
-        start = time.perf_counter()
-        index = ours.index(rgb, timings=t_ours)
-        ours_total = time.perf_counter() - start
-        print(f"index: {fmt(t_ours)}")
+    for precision, pipeline in ours.items():
+        index = indexes[precision]
+        print(f"\n--- ours, precision {precision} -> {pipeline.models.dtype}")
+        t_ours = medians(our_runs[precision])
+        ours_total = statistics.median(sum(r.values()) for r in our_runs[precision])
+        print(f"index, medians of {args.repeats}: {fmt(t_ours)}")
+        print("  per step, plain / ours: " + ", ".join(f"{k} {plain_t[k] / t_ours[k]:.2f}x" for k in t_ours))
         cos = (reference.features * index.features).sum(-1) / index.features.norm(dim=-1)
         gem_cos = (reference.gem_features * index.gem_features).sum(-1) / index.gem_features.norm(dim=-1)
-        print(f"  same masks as plain: {torch.equal(reference.masks, index.masks)}; cosine to plain: region "
-              f"features min {cos.min():.6f}, GEM patch features min {gem_cos.min():.6f}")
+        print(f"  same masks and boxes as plain: {torch.equal(reference.masks, index.masks)} and "
+              f"{np.array_equal(reference.boxes, index.boxes)}; cosine to plain: region features min "
+              f"{cos.min():.6f}, GEM patch features min {gem_cos.min():.6f}")
 
         query_times = []
         for expression in EXPRESSIONS[: args.queries]:
-            ours._text_cache.clear()  # text encoding included: each query is a new expression
+            pipeline._text_cache.clear()  # text encoding included: each query is a new expression
             start = time.perf_counter()
-            ours.query(index, expression)
+            pipeline.query(index, expression)
             query_times.append(time.perf_counter() - start)
         p50 = statistics.median(query_times)
         print(f"query on the index: p50 {p50 * 1000:.1f} ms, max {max(query_times) * 1000:.1f} ms "
               f"over {len(query_times)} new expressions")
 
-        start = time.perf_counter()
-        shared = ours.index(rgb)
-        for expression in expressions:
-            ours.query(shared, expression)
-        ours_k = time.perf_counter() - start
-        print(f"K={args.k} expressions: official {official:.1f} s, ours {ours_k:.1f} s -> "
-              f"{official / ours_k:.1f}x (target >= 4x)")
+        if expressions:
+            start = time.perf_counter()
+            shared = pipeline.index(rgb)
+            for expression in expressions:
+                pipeline.query(shared, expression)
+            ours_k = time.perf_counter() - start
+            print(f"K={args.k} expressions: official {official:.1f} s, ours {ours_k:.1f} s -> "
+                  f"{official / ours_k:.1f}x (target >= 4x)")
         print(f"index: plain {plain_total:.1f} s, ours {ours_total:.1f} s -> {plain_total / ours_total:.2f}x "
               f"(target >= 3x)")
         print(f"query p50 / index build: {100 * p50 / ours_total:.2f} % (target <= 1 %)")
+    print(f"\nload average at the end: {os.getloadavg()[0]:.1f} ({os.cpu_count()} cores)")
     return 0
 
 

@@ -130,7 +130,7 @@ def jobs(conn: redis.Redis, prefix: str) -> dict[str, Job]:
     """The RQ jobs whose id starts with ``prefix`` (this DB holds only this run's)."""
     ids = [k.decode()[len("rq:job:"):] for k in conn.scan_iter(f"rq:job:{prefix}*", count=1000)]
     ids = [i for i in ids if ":" not in i]  # rq:job:<id>:dependents and the like
-    return {i: j for i, j in zip(ids, Job.fetch_many(ids, connection=conn)) if j is not None}
+    return {i: j for i, j in zip(ids, q.fetch_jobs(ids, conn)) if j is not None}
 
 
 def counters(url: str) -> dict[str, float]:
@@ -277,7 +277,7 @@ def wait_warm(conn: redis.Redis, count: int, timeout: float) -> None:
     while FinishedJobRegistry(q.WARMUP, connection=conn).count < count:
         failed = FailedJobRegistry(q.WARMUP, connection=conn).get_job_ids()
         if failed:
-            job = Job.fetch(failed[0], connection=conn)
+            job = q.fetch_job(failed[0], conn)
             raise RuntimeError(f"warm-up job {failed[0]} failed: {q.job_error(job)}")
         if time.monotonic() > deadline:
             raise TimeoutError(f"the {count} warm-up jobs did not finish within {timeout:.0f} s")

@@ -65,6 +65,15 @@ def redis_conn(redis_url: str):
     return redis.Redis.from_url(redis_url)
 
 
+@pytest.fixture
+def clean_redis(redis_url: str):
+    """The test Redis, emptied before and after the test."""
+    connection = redis.Redis.from_url(redis_url)
+    connection.flushdb()
+    yield connection
+    connection.flushdb()
+
+
 @pytest.fixture(scope="session")
 def image_server():
     """Serves tests/data over HTTP on 127.0.0.1 (a stand-in for any image host)."""

@@ -31,8 +31,10 @@ Label Studio facts this relies on (1.23.2):
     itself is refused), and ``?d=`` is relative to the root: files go in ``images_dir`` and their
     URL is ``/data/local-files/?d=images/<name>`` (``local_files_url``).
   * Connecting an ML backend also creates a webhook to ``<url>/webhook``; its URL check (SSRF
-    protection) refuses 127.0.0.1 and private networks with HTTP 403 unless
-    SSRF_PROTECTION_ENABLED=false, whatever ML_BLOCK_LOCAL_IP says. The harness sets both.
+    protection, also applied to every delivery) refuses 127.0.0.1 and private networks with HTTP
+    403, whatever ML_BLOCK_LOCAL_IP says. The harness keeps the protection on and lifts only
+    loopback from its banned subnets (USE_DEFAULT_BANNED_SUBNETS=false with the default list minus
+    127.0.0.0/8 as USER_ADDITIONAL_BANNED_SUBNETS), as docker-compose.yml does for its network.
   * LABEL_STUDIO_HOST is not set (as in a default install): ``/setup``'s ``hostname`` is
     ``http://localhost:<port>`` and task URLs stay relative. Pass
     ``extra_env={"LABEL_STUDIO_HOST": ...}`` to change that (storage-synced tasks then carry
@@ -84,6 +86,16 @@ _SERVER_LINE = re.compile(r"Starting development server at https?://[^:/\s]+:(\d
 
 class LabelStudioError(RuntimeError):
     """Label Studio failed to start, or answered an API call with an error."""
+
+
+# Label Studio 1.23.2's default banned subnets (label_studio/core/utils/io.py, validate_ip).
+LABEL_STUDIO_DEFAULT_BANNED = (
+    "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12", "192.0.0.0/24",
+    "192.0.2.0/24", "192.88.99.0/24", "192.168.0.0/16", "198.18.0.0/15", "198.51.100.0/24", "203.0.113.0/24",
+    "224.0.0.0/4", "233.252.0.0/24", "240.0.0.0/4", "255.255.255.255/32", "::/128", "::1/128", "::ffff:0:0/96",
+    "::ffff:0:0:0/96", "64:ff9b::/96", "64:ff9b:1::/48", "100::/64", "2001:0000::/32", "2001:20::/28",
+    "2001:db8::/32", "2002::/16", "fc00::/7", "fe80::/10", "ff00::/8",
+)
 
 
 def ls_venv() -> Path:
@@ -395,8 +407,10 @@ def _child_env(home: Path, data_dir: Path, documents_root: Path,
         "LABEL_STUDIO_ML_BLOCK_LOCAL_IP": "false",
         # Connecting an ML backend also creates a webhook to <url>/webhook, and the webhook's URL
         # check (SSRF protection, on by default) refuses loopback/private addresses with HTTP 403
-        # even when ML_BLOCK_LOCAL_IP is false.
-        "LABEL_STUDIO_SSRF_PROTECTION_ENABLED": "false",
+        # even when ML_BLOCK_LOCAL_IP is false: only loopback, where the backend runs, is lifted.
+        "LABEL_STUDIO_USE_DEFAULT_BANNED_SUBNETS": "false",
+        "LABEL_STUDIO_USER_ADDITIONAL_BANNED_SUBNETS": ",".join(s for s in LABEL_STUDIO_DEFAULT_BANNED
+                                                                if s != "127.0.0.0/8"),
         "LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED": "true",
         "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(documents_root),
         "SENTRY_DSN": "",

@@ -115,6 +115,19 @@ def start_backend(env: dict[str, str], log_dir: Path) -> tuple[Service, str]:
     return service, url
 
 
+def small_png() -> bytes:
+    """A 96x64 PNG with a red square: an image for a stand-in image host."""
+    import io
+
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (96, 64), (230, 230, 220))
+    ImageDraw.Draw(image).rectangle((10, 10, 50, 50), fill=(200, 20, 20))
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
 def serve_directory(directory: Path) -> tuple[ThreadingHTTPServer, str]:
     """A threaded HTTP server on 127.0.0.1 serving a folder (a stand-in for any image host)."""
     server = ThreadingHTTPServer(("127.0.0.1", 0), partial(_QuietHandler, directory=str(directory)))
@@ -122,21 +135,63 @@ def serve_directory(directory: Path) -> tuple[ThreadingHTTPServer, str]:
     return server, f"http://127.0.0.1:{server.server_address[1]}"
 
 
+def make_tls_certificate(directory: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and localhost (its own CA): (certificate, key) PEM files."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                                                        x509.DNSName("localhost")]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = directory / "redis.crt", directory / "redis.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
 class RedisServer:
     """A Redis of the test's own on a free port, keeping nothing on disk (like this machine's): it can be
-    killed and started again on the same port, losing everything, as a restart without persistence does."""
+    killed and started again on the same port, losing everything, as a restart without persistence does.
+    With ``password`` it requires it (AUTH); with ``tls`` it speaks only TLS (a self-signed certificate
+    that ``url`` tells clients to trust)."""
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, password: str | None = None, tls: bool = False):
         self.directory = directory
         self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.password = password
+        self.tls = make_tls_certificate(directory) if tls else None
+        userinfo = f":{password}@" if password else ""
+        if self.tls:
+            self.url = f"rediss://{userinfo}127.0.0.1:{self.port}/0?ssl_ca_certs={self.tls[0]}"
+        else:
+            self.url = f"redis://{userinfo}127.0.0.1:{self.port}/0"
         self.process: subprocess.Popen | None = None
         self.start()
 
     def start(self) -> None:
-        self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.directory)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                "--dir", str(self.directory)]
+        if self.password:
+            args += ["--requirepass", self.password]
+        if self.tls:
+            args += ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(self.tls[0]),
+                     "--tls-key-file", str(self.tls[1]), "--tls-ca-cert-file", str(self.tls[0]),
+                     "--tls-auth-clients", "no"]
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
         conn = redis.Redis.from_url(self.url)
         wait_for(lambda: conn.ping(), 20, f"redis-server on port {self.port}")
 

@@ -366,13 +366,15 @@ def test_the_matrix_is_large_enough():
 def _task_jobs(conn: redis.Redis, queue: str) -> dict[Any, list]:
     """Jobs of a queue by task id: (status, job) in every registry."""
     from rq import Queue
+
+    from backend.queue import fetch_jobs
     from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
 
     q = Queue(queue, connection=conn)
     ids = (list(q.job_ids) + StartedJobRegistry(queue=q).get_job_ids() + FinishedJobRegistry(queue=q).get_job_ids()
            + FailedJobRegistry(queue=q).get_job_ids())
     jobs: dict[Any, list] = {}
-    for job in q.job_class.fetch_many(list(dict.fromkeys(ids)), connection=conn):
+    for job in fetch_jobs(list(dict.fromkeys(ids)), conn):
         if job is not None:
             jobs.setdefault(job.args[0].get("task_id"), []).append(job)
     return jobs
@@ -426,7 +428,7 @@ def test_a_bad_task_in_a_batch_does_not_fail_the_others(stack):
         {"id": 505, "data": {"image": "http://169.254.169.254/latest/meta-data/", "prompt": "x"}},  # refused
         {"id": 506, "data": {"image": f"{ls}/img/scene.png", "prompts": [{"text": "x", "label": "Cat"}]}},
         {"id": 507, "data": {"image": f"{ls}/img/missing.png", "prompt": "the red box"}},  # 404
-        {"id": 508, "data": {"image": f"{ls}/img/gray.png", "prompts": ["the blue disc", {"text": "box",
+        {"id": 508, "data": {"image": f"{ls}/img/gray.png", "prompts": ["the blue disc", {"text": "the box",
                                                                                       "label": "Box"}]}},  # good
     ]
     response = stack["client"].post("/predict", json={"tasks": tasks, "project": PROJECT, "label_config": BATCH})

@@ -4,7 +4,9 @@ Docker does not run here, so these tests read the files: each service's command 
 the real ``hybridgl`` parser, each environment variable must be a real setting (a typo fails),
 addresses and ports must point at the services that serve them, and the image must install the
 project and run ``hybridgl``. Compose's ``${VAR:-default}`` are resolved to their defaults (the
-shell's environment is ignored), as ``docker compose config`` would with an empty environment.
+shell's environment is ignored), as ``docker compose config`` would with an empty environment;
+the one required variable (``${VAR:?message}``, BASIC_AUTH_PASS) gets a test value, and a test
+checks that compose refuses to interpolate without it.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import yaml  # PyYAML: installed with timm / huggingface_hub (runtime dependenci
 from backend.config import ServeSettings, serve_fields
 from worker.cli import build_parser
 from worker.hybridgl.settings import Settings, env_name, setting_fields
+
+from .labelstudio import LABEL_STUDIO_DEFAULT_BANNED
 
 import tomllib
 
@@ -42,23 +46,37 @@ METHOD_ENV = {env_name(f.name) for f in setting_fields()}
 
 _VAR = re.compile(r"\$\{([^}]*)\}")
 _DEFAULTED = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*):-(.*)$", re.DOTALL)
+_REQUIRED = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*):\?(.*)$", re.DOTALL)
+REQUIRED_VARS = {"BASIC_AUTH_PASS"}  # the only variables compose refuses to start without
+TEST_PASSWORD = "a-password-of-the-operators-own"
+
+
+class ComposeRefuses(Exception):
+    """What `docker compose` does with ``${VAR:?message}`` and VAR unset or empty."""
 
 
 # --- reading the files ---------------------------------------------------------------------------
-def _resolve(value):
-    """Compose interpolation with an empty environment: ``${VAR:-default}`` -> default."""
+def _resolve(value, env: dict[str, str] | None = None):
+    """Compose interpolation: ``${VAR:-default}`` -> env's value or the default (``env`` holds only
+    what a test sets, never the shell's); ``${VAR:?message}`` -> env's value, else ComposeRefuses."""
+    env = env or {}
     if isinstance(value, dict):
-        return {k: _resolve(v) for k, v in value.items()}
+        return {k: _resolve(v, env) for k, v in value.items()}
     if isinstance(value, list):
-        return [_resolve(v) for v in value]
+        return [_resolve(v, env) for v in value]
     if not isinstance(value, str):
         return value
 
     def sub(m: re.Match) -> str:
         inner = _DEFAULTED.match(m.group(1))
-        if inner is None:
-            raise AssertionError(f"${{{m.group(1)}}}: use ${{VAR:-default}} so an unset variable has a default")
-        return inner.group(2)
+        if inner is not None:
+            return env.get(inner.group(1)) or inner.group(2)
+        required = _REQUIRED.match(m.group(1))
+        if required is not None and required.group(1) in REQUIRED_VARS:
+            if not env.get(required.group(1)):
+                raise ComposeRefuses(required.group(2))
+            return env[required.group(1)]
+        raise AssertionError(f"${{{m.group(1)}}}: use ${{VAR:-default}} so an unset variable has a default")
 
     return _VAR.sub(sub, value.replace("$$", "\0")).replace("\0", "$")
 
@@ -70,7 +88,7 @@ def raw() -> dict:
 
 @pytest.fixture(scope="module")
 def compose(raw) -> dict:
-    return _resolve(raw)
+    return _resolve(raw, {"BASIC_AUTH_PASS": TEST_PASSWORD})
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +218,8 @@ def test_passthrough_names_match_their_setting(raw, name):
     """``HYBRIDGL_X: ${HYBRIDGL_Y:-...}`` with Y another setting is a copy-paste slip."""
     for key, value in _env(raw["services"][name]).items():
         for var in _VAR.findall(value):
-            passed = _DEFAULTED.match(var).group(1) if _DEFAULTED.match(var) else var
+            named = _DEFAULTED.match(var) or _REQUIRED.match(var)
+            passed = named.group(1) if named else var
             if passed in SERVE_ENV | METHOD_ENV:
                 assert passed == key, f"{name}: {key} takes its value from {passed}"
 
@@ -221,8 +240,8 @@ def test_every_variable_has_a_default_and_is_documented(raw):
     used = set()
     for text in _strings(raw):
         for var in _VAR.findall(text):
-            m = _DEFAULTED.match(var)
-            assert m, f"${{{var}}}: use ${{VAR:-default}}"
+            m = _DEFAULTED.match(var) or _REQUIRED.match(var)
+            assert m and (_DEFAULTED.match(var) or m.group(1) in REQUIRED_VARS), f"${{{var}}}: use ${{VAR:-default}}"
             used.add(m.group(1))
         assert not re.search(r"(?<!\$)\$[A-Za-z_]", text), f"{text!r}: write ${{VAR:-default}}, not $VAR"
     documented = set(re.findall(r"^\s*#?\s*([A-Z][A-Z0-9_]*)=", ENV_EXAMPLE.read_text(), re.MULTILINE))
@@ -375,3 +394,66 @@ def test_dockerfile_installs_the_project():
 def test_dockerfile_runs_as_a_non_root_user():
     users = _instructions("USER")
     assert users and users[-1].split(":")[0] not in ("root", "0")
+
+
+def test_the_cache_has_a_bounded_redis_of_its_own(services):
+    """The queue's Redis never evicts and holds no cache; the cache's evicts its least recently used
+    values within a maxmemory above the budgets the workers keep it under."""
+    queue_command = services["redis"]["command"]
+    assert "--maxmemory-policy" not in queue_command and "--maxmemory" not in queue_command
+    cache = services["cache-redis"]
+    command = cache["command"]
+    assert command[command.index("--maxmemory-policy") + 1] == "volatile-lru"
+    maxmemory = command[command.index("--maxmemory") + 1]
+    values = dict(re.findall(r"^([A-Z][A-Z0-9_]*)=(.*)$", ENV_EXAMPLE.read_text(), re.MULTILINE))
+    limit = _DEFAULTED.match(_VAR.findall(maxmemory)[0]).group(2) if _VAR.findall(maxmemory) else maxmemory
+    assert values["CACHE_REDIS_MAXMEMORY"] == limit
+    mib = int(limit.lower().removesuffix("mb"))
+    budgets = ServeSettings().index_cache_bytes + ServeSettings().embedding_cache_bytes
+    assert mib * 2**20 > 1.15 * budgets, "leave Redis room above the budgets for its own overheads"
+    for name in ("backend", *WORKERS):
+        url = urlparse(_env(services[name])["HYBRIDGL_CACHE_URL"])
+        assert url.hostname == "cache-redis" and "cache-redis" in services[name]["depends_on"]
+
+
+# --- closed by default ------------------------------------------------------------------------------
+def test_backend_port_is_published_on_loopback_only_by_default(services):
+    (spec,) = services["backend"]["ports"]
+    assert str(spec).split(":")[0] == "127.0.0.1", "the backend's port must not be published on every interface"
+
+
+def test_compose_refuses_to_start_without_a_backend_password(raw):
+    with pytest.raises(ComposeRefuses, match="BASIC_AUTH_PASS"):
+        _resolve(raw)  # empty environment: what `docker compose up` without .env does
+    env = _env(_resolve(raw, {"BASIC_AUTH_PASS": TEST_PASSWORD})["services"]["backend"])
+    assert env["BASIC_AUTH_USER"] and env["BASIC_AUTH_PASS"] == TEST_PASSWORD  # auth is on by default
+
+
+def test_backend_refuses_to_start_with_the_example_password(raw, tmp_path):
+    """The backend's environment as compose builds it from docker/.env.example: the real `hybridgl
+    serve` exits with a clear error before listening (no Redis is needed to get there)."""
+    import subprocess
+    import sys
+
+    example = dict(re.findall(r"^([A-Z][A-Z0-9_]*)=(.*)$", ENV_EXAMPLE.read_text(), re.MULTILINE))
+    backend = _resolve(raw, example)["services"]["backend"]
+    env = {k: v for k, v in _env(backend).items() if v}
+    env.update(PATH="/usr/bin:/bin", REDIS_URL="redis://127.0.0.1:1/0")
+    result = subprocess.run([sys.executable, "-m", "worker.cli", *backend["command"], "--port", "0"], env=env,
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "BASIC_AUTH_PASS" in result.stderr and "example" in result.stderr
+
+
+def test_label_studio_keeps_its_ssrf_protection(services):
+    """Only the compose network's range (172.16.0.0/12, Docker's) is lifted from Label Studio's
+    banned subnets; its SSRF protection stays on."""
+    env = _env(services["label-studio"])
+    assert env.get("LABEL_STUDIO_SSRF_PROTECTION_ENABLED", "true").lower() == "true"
+    assert env["LABEL_STUDIO_USE_DEFAULT_BANNED_SUBNETS"].lower() == "false"
+    banned = env["LABEL_STUDIO_USER_ADDITIONAL_BANNED_SUBNETS"].split(",")
+    assert banned == [s for s in LABEL_STUDIO_DEFAULT_BANNED if s != "172.16.0.0/12"]  # as tests/labelstudio.py
+    source = next(Path(ROOT, ".cache", "ls-venv", "lib").glob("python3*/site-packages/label_studio/core/utils/io.py"),
+                  None)
+    if source is not None:  # the installed Label Studio's own list, when the test virtualenv is there
+        assert tuple(re.findall(r"'([0-9a-f:./]+/\d+)',\s+#", source.read_text())) == LABEL_STUDIO_DEFAULT_BANNED

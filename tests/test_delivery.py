@@ -15,7 +15,7 @@ from collections import Counter
 import pytest
 import redis
 from rq import Queue
-from rq.job import Job, JobStatus
+from rq.job import JobStatus
 
 from backend import delivery
 from backend import jobspec as js
@@ -28,11 +28,8 @@ ANSWER = {"result": [{"type": "brushlabels"}], "score": 0.5, "model_version": "v
 
 
 @pytest.fixture
-def conn(redis_url):
-    connection = redis.Redis.from_url(redis_url)
-    connection.flushdb()
-    yield connection
-    connection.flushdb()
+def conn(clean_redis):
+    return clean_redis
 
 
 def _party(redis_url: str, key: str, job_id: str, role: str) -> str:
@@ -216,7 +213,7 @@ def test_an_ended_job_is_replaced_by_the_next_enqueue(conn):
     again = jobs.enqueue(spec)
     assert again.get_status() == JobStatus.QUEUED
     assert Queue(spec.queue, connection=conn).get_job_ids() == [spec.job_id]
-    assert Job.fetch(spec.job_id, connection=conn).args[0] == spec.payload
+    assert q.fetch_job(spec.job_id, conn).args[0] == spec.payload
 
 
 def test_a_selection_over_1000_tasks_is_served_and_handed_off(tiny_settings, redis_url, conn, tmp_path):

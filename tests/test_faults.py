@@ -23,7 +23,8 @@ import httpx
 import pytest
 import redis
 from rq import Worker
-from rq.job import Job
+
+from backend.queue import fetch_job
 
 from .services import REPO, RedisServer, TcpProxy, service_env, start_backend, start_worker, wait_for
 from .test_e2e_labelstudio import ls  # noqa: F401 - module fixture: a real Label Studio
@@ -101,7 +102,7 @@ def _one_prediction_each(ls, faults, task_ids: list[int]) -> None:  # noqa: F811
 
 
 def _retries_left(faults, job_id: str) -> int:
-    return Job.fetch(job_id, connection=redis.Redis.from_url(faults["redis"].url)).retries_left
+    return fetch_job(job_id, redis.Redis.from_url(faults["redis"].url)).retries_left
 
 
 def _summary(run: Background) -> dict:

@@ -45,7 +45,8 @@ def test_health_reads_a_fixed_number_of_commands_whatever_the_keyspace(tmp_path)
                 assert body["model_version"] == "v1" and body["status"] == "DEGRADED"
                 assert any(p.startswith("workers cannot reach Label Studio (since ") for p in body["problems"])
                 assert any("3.1700000000" in p for p in body["problems"])  # the withheld /setup token
-        assert counts[0] == counts[1] <= 10, counts
+        # 11: the batch depth is one script over the projects' queues, and Redis counts the SMEMBERS inside it
+        assert counts[0] == counts[1] <= 11, counts
     finally:
         server.kill()
 

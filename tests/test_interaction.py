@@ -5,7 +5,6 @@ from __future__ import annotations
 import threading
 
 import pytest
-import redis
 
 from backend import interaction
 from backend import jobspec as js
@@ -24,11 +23,8 @@ def _click(x: float, positive: bool = True) -> dict:
 
 
 @pytest.fixture
-def conn(redis_url):
-    connection = redis.Redis.from_url(redis_url)
-    connection.flushdb()
-    yield connection
-    connection.flushdb()
+def conn(clean_redis):
+    return clean_redis
 
 
 def test_clicks_accumulate_until_a_new_prompt(conn):

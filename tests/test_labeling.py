@@ -233,3 +233,34 @@ def test_image_value_must_be_a_variable():
 
 def test_errors_are_value_errors():
     assert issubclass(LabelConfigError, ValueError)
+
+
+# --- per-label instance thresholds (issue 13) ------------------------------------------------------
+
+def _labels(*labels: str) -> str:
+    return ('<View><Image name="image" value="$image"/><BrushLabels name="mask" toName="image">'
+            + "".join(labels) + "</BrushLabels></View>")
+
+
+def test_thresholds_come_from_the_label_attribute():
+    config = parse_label_config(_labels('<Label value="car" hybridgl_threshold="0.4"/>', '<Label value="dog"/>',
+                                        '<Label value="cat" hybridgl_threshold=" 1 "/>'))
+    assert config.thresholds == (("car", 0.4), ("cat", 1.0))
+    assert config.threshold_for("car") == 0.4 and config.threshold_for("dog") is None
+    assert config.threshold_for(None) is None
+
+
+@pytest.mark.parametrize("raw", ["1.5", "-0.1", "high", "nan", ""])
+def test_a_threshold_out_of_range_is_refused_with_what_to_write(raw):
+    with pytest.raises(LabelConfigError) as info:
+        parse_label_config(_labels(f'<Label value="car" hybridgl_threshold="{raw}"/>'))
+    message = str(info.value)
+    assert 'value="car"' in message and "between 0 and 1" in message and 'hybridgl_threshold="0.4"' in message
+
+
+def test_two_thresholds_for_one_label_are_refused():
+    xml = ('<View><Image name="image" value="$image"/><BrushLabels name="mask" toName="image">'
+           '<Label value="car" hybridgl_threshold="0.4"/></BrushLabels><PolygonLabels name="poly" toName="image">'
+           '<Label value="car" hybridgl_threshold="0.6"/></PolygonLabels></View>')
+    with pytest.raises(LabelConfigError, match='"car" has two different hybridgl_threshold values'):
+        parse_label_config(xml)

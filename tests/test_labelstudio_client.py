@@ -479,7 +479,8 @@ def test_refused_before_any_connection(make, secrets, servers, ref, words):
 @pytest.mark.parametrize("host, why", [
     ("10.0.0.1", "private"),
     ("192.168.1.20", "private"),
-    ("169.254.169.254", "link-local"),
+    ("169.254.169.254", "metadata"),
+    ("169.254.1.1", "link-local"),
     ("localhost", "loopback"),
     ("127.0.0.1", "loopback"),
     ("0.0.0.0", "unspecified"),
@@ -513,6 +514,67 @@ def test_allow_listed_name_resolving_to_internal_address(make, secrets, monkeypa
     assert "10.1.2.3" in str(raises(AccessDenied, client.fetch_image, secrets, "https://img.example.com/a.jpg"))
     assert "loopback" in str(raises(AccessDenied, client.fetch_image, secrets, "https://cdn.example.com/a.jpg"))
     assert transport.requests == []
+
+
+METADATA_FORMS = [
+    "169.254.169.254", "fd00:ec2::254", "100.100.100.200",
+    "::ffff:169.254.169.254", "::ffff:100.100.100.200",  # IPv4-mapped
+    "::a9fe:a9fe",  # IPv4-compatible
+    "2002:a9fe:a9fe::", "2002:6464:64c8::1",  # 6to4
+    "64:ff9b::a9fe:a9fe", "64:ff9b::6464:64c8", "64:ff9b:1::a9fe:a9fe",  # NAT64 (well-known and local prefix)
+    "2001:0:4136:e378:8000:63bf:5601:5601",  # Teredo whose client is 169.254.169.254 (bits inverted)
+]
+
+
+@pytest.mark.parametrize("address", METADATA_FORMS)
+def test_metadata_addresses_are_refused_in_every_form_even_with_allow_private(address):
+    from backend.fetchpolicy import blocked_address
+    import ipaddress
+
+    assert blocked_address(ipaddress.ip_address(address), allow_private=True) is not None
+    assert blocked_address(ipaddress.ip_address(address), allow_private=False) is not None
+
+
+def test_embedded_private_addresses_are_refused_without_allow_private():
+    from backend.fetchpolicy import blocked_address
+    import ipaddress
+
+    for address, why in (("2002:7f00:1::", "loopback"), ("64:ff9b::a00:1", "private"), ("::ffff:10.0.0.1", "private")):
+        assert blocked_address(ipaddress.ip_address(address), allow_private=False) == why
+        assert blocked_address(ipaddress.ip_address(address), allow_private=True) is None
+    assert blocked_address(ipaddress.ip_address("2002:808:808::"), allow_private=False) is None  # 6to4 of 8.8.8.8
+
+
+def test_the_connection_goes_to_the_address_that_was_checked(make, secrets, servers, monkeypatch):
+    """DNS is faked (no lookup leaves the machine): ``rebind.example.com`` answers a public address
+    first and loopback afterwards. The check sees the public one, and the connection must go there
+    (it fails: nothing listens), never to the loopback image host a second lookup would give."""
+    real = socket.getaddrinfo
+    lookups = []
+
+    def rebinding(host, port, *args, **kwargs):
+        if host != "rebind.example.com":
+            return real(host, port, *args, **kwargs)
+        lookups.append(host)
+        address = "127.0.0.1" if len(lookups) > 1 else "8.8.8.8"
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, port))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    port = int(servers["host_url"].rsplit(":", 1)[1])
+    sent = []
+
+    class Recording(httpx.BaseTransport):
+        def handle_request(self, request):
+            sent.append((str(request.url), request.headers.get("host"), request.extensions.get("sni_hostname")))
+            raise httpx.ConnectError("no route (test)", request=request)
+
+    client = LabelStudioClient(servers["ls_url"], LEGACY, FetchPolicy(allowed_hosts=("rebind.example.com",),
+                                                                      timeout=0.5), transport=Recording())
+    with client:
+        raises(ImageFetchError, client.fetch_image, secrets, f"http://rebind.example.com:{port}/img.png")
+    assert lookups == ["rebind.example.com"], "the name was looked up again after the check"
+    assert sent == [(f"http://8.8.8.8:{port}/img.png", f"rebind.example.com:{port}", "rebind.example.com")]
+    assert servers["host"].requests == []
 
 
 def test_host_allow_list_matching():
@@ -711,6 +773,10 @@ def test_client_from_precedence():
         assert client.url == "http://env:8080" and client.auth_headers() == {"Authorization": "Token env-key"}
     with client_from(None, None, "http://setup:8080/", "setup-key") as client:
         assert client.url == "http://setup:8080" and client.auth_headers() == {"Authorization": "Token setup-key"}
+    # The workers' own token never goes to an address /setup named: no client at all without a setup token.
+    assert client_from(None, "env-key", "http://setup:8080", None) is None
+    with client_from(None, "env-key", "http://setup:8080", "setup-key") as client:
+        assert client.auth_headers() == {"Authorization": "Token setup-key"}
     with client_from("http://label-studio:8080", None, "http://localhost:8080", "setup-key") as client:
         assert client.url == "http://label-studio:8080"
         assert client.auth_headers() == {"Authorization": "Token setup-key"}

@@ -283,8 +283,25 @@ def test_to_dict(nlp: Any) -> None:
     d = parse_expression(nlp, "cup inside the box").to_dict()
     assert d == {
         "expression": "cup inside the box", "text": "cup inside the box", "noun_phrase": "cup",
-        "other_nouns": ["the box"], "relation": "within", "direction": "none",
+        "other_nouns": ["the box"], "relation": "within", "direction": "none", "asks_for_set": False,
     }
+
+
+SETS = [
+    # plural target noun
+    ("cars", True), ("the two dogs", True), ("people", True), ("the glasses on the table", True),
+    # a set word is, or quantifies, the target
+    ("all the cars", True), ("all of the cars", True), ("every person on the bench", True), ("each dog", True),
+    ("both cups", True),
+    # singular targets: HybridGL's single choice, whatever else is plural
+    ("the man on the left", False), ("the man with glasses", False), ("dog", False), ("grass", False),
+    ("the sheep", False),  # en_core_web_sm tags it NN: ambiguous nouns read as singular
+]
+
+
+@pytest.mark.parametrize("expression,expected", SETS, ids=[row[0] for row in SETS])
+def test_asks_for_set_from_the_parse(nlp: Any, expression: str, expected: bool) -> None:
+    assert parse_expression(nlp, expression).asks_for_set is expected
 
 
 def test_parsed_expression_is_frozen(nlp: Any) -> None:

@@ -57,6 +57,57 @@ def test_proposals_are_sams_automatic_masks(pipeline, monkeypatch, masks_per_ups
     assert np.array_equal(ours.boxes, np.array([r["bbox"] for r in reference], dtype=np.float64))
 
 
+@pytest.fixture(scope="module")
+def sam_decoder():
+    """segment-anything's own prompt encoder and mask decoder, as its ``_build_sam`` builds them for every
+    variant (ViT-H, -L and -B share them), with seeded random weights; the image encoder is not needed."""
+    from types import SimpleNamespace
+
+    from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
+
+    torch.manual_seed(0)
+    decoder = MaskDecoder(num_multimask_outputs=3, transformer=TwoWayTransformer(
+        depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8), transformer_dim=256, iou_head_depth=3,
+        iou_head_hidden_dim=256).eval()
+    with torch.no_grad():  # random IoUs straddle 0; lifted so that a positive threshold (a filter) splits them
+        decoder.iou_prediction_head.layers[-1].bias += 0.5
+    return SimpleNamespace(
+        prompt_encoder=PromptEncoder(embed_dim=256, image_embedding_size=(64, 64), input_image_size=(1024, 1024),
+                                     mask_in_chans=16).eval(),
+        mask_decoder=decoder)
+
+
+@pytest.mark.parametrize("keeps", ["half", "all", "none"])
+def test_decoder_is_sams_bit_for_bit(sam_decoder, keeps):
+    """Our decoder over a batch of point prompts gives segment-anything's MaskDecoder logits and IoUs bit for
+    bit, with segment-anything's own classes (the MobileSAM test above uses mobile_sam's copies). Random
+    weights (a random image embedding too) predict IoUs near 0 and nearly whole-image masks, so the generator
+    would keep a single mask: the decoder is compared directly instead, with an IoU threshold that keeps
+    about half the masks (the median), all of them (0: no IoU filter, as in SAM's
+    generator), or none (the highest IoU)."""
+    from worker.hybridgl.proposals import decode_point_prompts
+
+    sam = sam_decoder
+    generator = torch.Generator().manual_seed(1)
+    features = torch.randn(1, 256, 64, 64, generator=generator)
+    points = torch.rand(16, 2, generator=generator) * 1024
+    labels = torch.ones(16, dtype=torch.int)
+    with torch.inference_mode():
+        sparse, dense = sam.prompt_encoder(points=(points[:, None], labels[:, None]), boxes=None, masks=None)
+        low_res, iou_preds = sam.mask_decoder(image_embeddings=features, image_pe=sam.prompt_encoder.get_dense_pe(),
+                                              sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                              multimask_output=True)
+        threshold = {"half": float(iou_preds.median()), "all": 0.0, "none": float(iou_preds.max())}[keeps]
+        ours, our_iou, kept = decode_point_prompts(sam, features, points, labels, threshold)
+    expected = iou_preds > threshold if threshold > 0 else torch.ones_like(kept)
+    if keeps == "half":
+        assert 0 < int(expected.sum()) < expected.numel()
+    assert torch.equal(our_iou, iou_preds)
+    assert torch.equal(kept, expected)
+    assert torch.equal(ours, low_res[expected])
+    assert ours.shape[-2:] == (256, 256)
+
+
 def test_index_then_query_equals_one_shot(pipeline, dog_index):
     for expression in EXPRESSIONS[:2]:
         one_shot = pipeline.segment(DATA / "dog.jpg", expression)
@@ -69,17 +120,40 @@ def test_serialization_round_trip(pipeline, dog_index):
     data = dog_index.to_bytes()
     back = ImageIndex.from_bytes(data)
     assert back.key == dog_index.key and back.image_size == dog_index.image_size
-    assert torch.equal(back.masks, dog_index.masks)
+    assert torch.equal(back.masks, dog_index.masks)  # cropped to their boxes and back, pixel for pixel
     assert np.array_equal(back.boxes, dog_index.boxes)
     assert torch.equal(back.features, dog_index.features)  # features are kept at fp16 precision
     assert torch.equal(back.gem_features, dog_index.gem_features)
-    assert torch.equal(back.sam_embedding, dog_index.sam_embedding)
+    assert back.sam_embedding is None  # apart: only clicks need it
     for expression in EXPRESSIONS:
         assert pipeline.query(back, expression).explanation == pipeline.query(dog_index, expression).explanation
-    # Compact: masks bit-packed and compressed, features fp16.
-    raw_masks = dog_index.masks.numel()
-    assert len(data) < raw_masks / 8 + dog_index.features.numel() * 2 + dog_index.gem_features.numel() * 2 \
-        + dog_index.sam_embedding.numel() * 2 + 10_000
+    with_embedding = back.with_embedding(dog_index.embedding_to_bytes())
+    assert torch.equal(with_embedding.sam_embedding, dog_index.sam_embedding)
+    assert with_embedding.sam_input_size == dog_index.sam_input_size
+    # Compact: the masks' crops bit-packed and compressed take less than the whole frames bit-packed would.
+    features = dog_index.features.numel() * 2 + dog_index.gem_features.numel() * 2
+    assert len(data) < features + 10_000 + dog_index.masks.numel() / 8 / 4
+    assert len(dog_index.embedding_to_bytes()) < dog_index.sam_embedding.numel() * 2 + 1_000
+
+
+def test_masks_survive_any_shape(dog_index):
+    """Empty masks, masks touching the borders and single pixels come back exactly."""
+    h, w = dog_index.image_size
+    masks = torch.zeros((4, h, w), dtype=torch.bool)
+    masks[1, 0, w - 1] = True
+    masks[2, :, :3] = True
+    masks[3, h // 2:, w // 3: w // 2] = True
+    masks[3, h - 1, 0] = True
+    index = ImageIndex(key="k", image_size=(h, w), masks=masks, boxes=np.zeros((4, 4)),
+                       features=dog_index.features[:4], gem_features=dog_index.gem_features, feature_dtype="float16")
+    assert torch.equal(ImageIndex.from_bytes(index.to_bytes()).masks, masks)
+
+
+def test_an_embedding_is_refused_by_another_index(dog_index):
+    other = ImageIndex(key="another image", image_size=dog_index.image_size, masks=dog_index.masks[:1],
+                       boxes=dog_index.boxes[:1], features=dog_index.features[:1], gem_features=dog_index.gem_features)
+    with pytest.raises(ValueError, match="another index"):
+        other.with_embedding(dog_index.embedding_to_bytes())
 
 
 def test_corrupt_index_bytes_are_refused():
@@ -92,8 +166,8 @@ def test_explanation_schema_and_arithmetic(pipeline, dog_index):
     for expression in EXPRESSIONS:
         result = pipeline.query(dog_index, expression)
         e = json.loads(json.dumps(result.explanation))  # JSON-clean
-        assert set(e) == {"expression", "text", "noun_phrase", "other_nouns", "relation", "direction", "pure",
-                          "chosen", "masks"}
+        assert set(e) == {"expression", "text", "noun_phrase", "other_nouns", "relation", "direction",
+                          "asks_for_set", "pure", "chosen", "masks"}
         assert len(e["masks"]) == len(dog_index)
         records = e["masks"]
         assert [r["index"] for r in records] == list(range(len(dog_index)))

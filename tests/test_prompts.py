@@ -362,3 +362,22 @@ def test_malformed_context():
 
 def test_prompt_error_is_a_value_error():
     assert issubclass(PromptError, ValueError)
+
+
+def test_label_names_many_odd_and_blank():
+    from backend.prompts import MAX_LABEL_PROMPTS
+
+    def labels_config(names):
+        return parse_label_config('<View><Image name="image" value="$image"/><BrushLabels name="mask" '
+                                  'toName="image">' + "".join(f'<Label value="{n}"/>' for n in names)
+                                  + "</BrushLabels></View>")
+
+    # 200 labels are one classification in the workers: more than the 100-expression limit is fine
+    many = [f"label {i}" for i in range(200)]
+    request = build_request(task(), None, labels_config(many))
+    assert [e.text for e in request.expressions] == many and request.source == "labels"
+    # odd names are prompts like any other; a blank one cannot be and is left out
+    odd = build_request(task(), None, labels_config(["???", "🙂", "x" * 500, " "]))
+    assert [(e.text, e.label) for e in odd.expressions] == [("???", "???"), ("🙂", "🙂"), ("x" * 500, "x" * 500)]
+    too_many = [f"l{i}" for i in range(MAX_LABEL_PROMPTS + 1)]
+    assert f"more than the limit of {MAX_LABEL_PROMPTS} label names" in error(task(), None, labels_config(too_many))

@@ -33,10 +33,15 @@ def decode(result: dict) -> np.ndarray:
 
 
 def rasterize(points: list[list[float]], height: int, width: int) -> np.ndarray:
-    pixels = np.round(np.array(points) * [width / 100.0, height / 100.0]).astype(np.int32)
-    out = np.zeros((height, width), np.uint8)
-    cv2.fillPoly(out, [pixels], 1)
-    return out.astype(bool)
+    """Pixels whose centre is inside the polygon (even-odd rule); vertices are on pixel edges."""
+    xy = np.array(points) * [width / 100.0, height / 100.0]
+    px, py = np.meshgrid(np.arange(width) + 0.5, np.arange(height) + 0.5)
+    inside = np.zeros((height, width), bool)
+    for (x1, y1), (x2, y2) in zip(xy, np.roll(xy, -1, axis=0)):
+        crosses = (y1 > py) != (y2 > py)
+        if y1 != y2:
+            inside ^= crosses & (px < x1 + (x2 - x1) * (py - y1) / (y2 - y1))
+    return inside
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -105,9 +110,9 @@ def test_result_shapes_for_every_tag_type():
         "original_width": 50, "original_height": 40, "image_rotation": 0,
         "value": {"points": poly["value"]["points"], "closed": True, "polygonlabels": ["Car"]},
         "score": 0.875}
-    # a square simplifies to its four corner pixels
+    # a square simplifies to its four corners, on pixel edges: exactly the box
     corners = sorted(map(tuple, poly["value"]["points"]))
-    assert corners == sorted([(10.0, 25.0), (10.0, 72.5), (48.0, 25.0), (48.0, 72.5)])
+    assert corners == sorted([(10.0, 25.0), (10.0, 75.0), (50.0, 25.0), (50.0, 75.0)])
 
     assert box == {
         "id": "r1-box", "type": "rectanglelabels", "from_name": "box", "to_name": "image",
@@ -205,7 +210,7 @@ def test_polygon_picks_the_largest_of_two_blobs():
     points = mask_to_polygon(mask)
     xs = [x * 50 / 100 for x, _ in points]
     ys = [y * 50 / 100 for _, y in points]
-    assert (min(xs), max(xs), min(ys), max(ys)) == (15, 44, 20, 44)
+    assert (min(xs), max(xs), min(ys), max(ys)) == (15, 45, 20, 45)  # pixel edges, like the box
     large = np.zeros_like(mask, bool)
     large[20:45, 15:45] = True
     assert iou(rasterize(points, 50, 50), large) > 0.95
@@ -219,12 +224,57 @@ def test_polygon_result_uses_the_largest_blob():
     assert iou(rasterize(poly["value"]["points"], 48, 64), circle.astype(bool)) > 0.9
 
 
+def _one_blob_masks(count: int, seed: int = 0):
+    """Random single-blob masks without holes (unions of ellipses, holes filled), various sizes."""
+    rng = np.random.default_rng(seed)
+    made = 0
+    while made < count:
+        h, w = (int(v) for v in rng.integers(3, 70, 2))
+        mask = np.zeros((h, w), np.uint8)
+        for _ in range(int(rng.integers(1, 4))):
+            cv2.ellipse(mask, (int(rng.integers(0, w)), int(rng.integers(0, h))),
+                        (int(rng.integers(0, w // 2 + 1)), int(rng.integers(0, h // 2 + 1))),
+                        float(rng.integers(0, 180)), 0, 360, 1, -1)
+        if cv2.connectedComponents(mask, connectivity=8)[0] != 2:
+            continue
+        contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+        cv2.drawContours(mask, contours, -1, 1, -1)  # fill holes
+        made += 1
+        yield mask.astype(bool)
+
+
+def _shoelace(points: list[list[float]], h: int, w: int) -> float:
+    xy = np.array(points) * np.array([w, h]) / 100.0
+    x, y = xy[:, 0], xy[:, 1]
+    return 0.5 * abs(float(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1))))
+
+
+def test_polygon_box_and_brush_cover_the_same_pixels_on_many_masks():
+    """Issue 13 item 7: a polygon once ran through boundary pixel centres, about one pixel narrower and
+    shorter than the box of the same mask. Now all three agree on 300 random masks."""
+    for mask in _one_blob_masks(300):
+        h, w = mask.shape
+        results = {r["type"]: r for r in region_results(mask, "Car", ALL_KINDS)}
+        brush = decode(results["brushlabels"]) > 0
+        assert brush.sum() == mask.sum()
+        exact = mask_to_polygon(mask, 0.0)
+        assert _shoelace(exact, h, w) == pytest.approx(mask.sum())  # every pixel, nothing more
+        xs, ys = [x for x, _ in exact], [y for _, y in exact]
+        box = results["rectanglelabels"]["value"]
+        assert (min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)) == pytest.approx(
+            (box["x"], box["y"], box["width"], box["height"]))
+        # the simplified polygon Label Studio gets stays within a pixel of the boundary
+        simplified = results["polygonlabels"]["value"]["points"]
+        perimeter = cv2.arcLength((np.array(exact) * np.array([w, h]) / 100).astype(np.float32), True)
+        assert abs(_shoelace(simplified, h, w) - mask.sum()) <= perimeter * 1.0 + 1e-6
+
+
 def test_polygon_of_degenerate_blobs_is_the_rectangle_around_their_pixels():
     mask = np.zeros((10, 20), np.uint8)
     mask[4, 5] = 1
-    assert mask_to_polygon(mask) == [[25.0, 40.0], [30.0, 40.0], [30.0, 50.0], [25.0, 50.0]]
+    assert sorted(map(tuple, mask_to_polygon(mask))) == [(25.0, 40.0), (25.0, 50.0), (30.0, 40.0), (30.0, 50.0)]
     mask[4, 5:9] = 1  # a horizontal line of 4 pixels
-    assert mask_to_polygon(mask) == [[25.0, 40.0], [45.0, 40.0], [45.0, 50.0], [25.0, 50.0]]
+    assert sorted(map(tuple, mask_to_polygon(mask))) == [(25.0, 40.0), (25.0, 50.0), (45.0, 40.0), (45.0, 50.0)]
 
 
 def test_polygon_of_an_empty_mask():

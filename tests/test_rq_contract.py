@@ -45,11 +45,8 @@ def _work(url: str) -> None:
 
 
 @pytest.fixture
-def conn(redis_url):
-    connection = redis.Redis.from_url(redis_url)
-    connection.flushdb()
-    yield connection
-    connection.flushdb()
+def conn(clean_redis):
+    return clean_redis
 
 
 def test_the_reaper_reads_the_running_workers_name(conn, redis_url):

@@ -1,8 +1,8 @@
 """Secrets and access: Label Studio tokens never leak, and the web process needs its Basic auth.
 
 The stack: a fake Label Studio (records the Authorization headers it gets), one worker with
-LABEL_STUDIO_API_KEY (and no LABEL_STUDIO_URL: the address comes from /setup), one backend with
-Basic auth and HYBRIDGL_SECRET_KEY (it keeps /setup's token for the workers, encrypted). Both
+LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY, one backend with Basic auth and HYBRIDGL_SECRET_KEY and
+no Label Studio settings (it keeps the token of an authenticated /setup for the workers, encrypted). Both
 tokens are then looked for everywhere they could leak: the services' log files, every Redis value
 (RQ's compressed job data included), job arguments and descriptions, and every API answer.
 
@@ -14,10 +14,10 @@ that the workers have no token. /docs and /openapi.json need the Basic auth too 
 from __future__ import annotations
 
 import base64
-import io
 import json
 import logging
 import os
+import sys
 import threading
 import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -25,12 +25,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 import redis
-from PIL import Image, ImageDraw
 
 from backend import queue as q
 from backend.config import ServeSettings
 
-from .services import service_env, start_backend, start_worker
+from .services import small_png, service_env, start_backend, start_worker
 
 ENV_TOKEN = "envtoken-5f0c1a9e7b3d4c2a8e6f"  # the workers' LABEL_STUDIO_API_KEY
 SETUP_TOKEN = "setuptoken-9a8b7c6d5e4f3a2b1c0d"  # what Label Studio sends in /setup
@@ -45,14 +44,6 @@ INTERACTIVE = """<View>
   <TextArea name="prompt" toName="image" editable="true" rows="2" maxSubmissions="1"/>
   <BrushLabels name="mask" toName="image"><Label value="Object"/></BrushLabels>
 </View>"""
-
-
-def _png() -> bytes:
-    image = Image.new("RGB", (96, 64), (230, 230, 220))
-    ImageDraw.Draw(image).rectangle((10, 10, 50, 50), fill=(200, 20, 20))
-    buffer = io.BytesIO()
-    image.save(buffer, "PNG")
-    return buffer.getvalue()
 
 
 class _FakeLabelStudio(BaseHTTPRequestHandler):
@@ -86,7 +77,7 @@ class _FakeLabelStudio(BaseHTTPRequestHandler):
 @pytest.fixture(scope="module")
 def fake_ls():
     """Label Studio, and on another port a storage host (allow-listed, never sent the token)."""
-    handler = type("Handler", (_FakeLabelStudio,), {"seen": [], "image": _png()})
+    handler = type("Handler", (_FakeLabelStudio,), {"seen": [], "image": small_png()})
     servers = [ThreadingHTTPServer(("127.0.0.1", 0), handler) for _ in range(2)]
     for server in servers:
         server.daemon_threads = True
@@ -103,7 +94,8 @@ def stack(tiny_settings, redis_url, fake_ls, tmp_path_factory):
     logs = tmp_path_factory.mktemp("secrets-logs")
     common = dict(HYBRIDGL_TORCH_THREADS="2", HYBRIDGL_SECRET_KEY=SECRET_KEY, HYBRIDGL_JOB_RETRIES="0",
                   HYBRIDGL_INTERACTIVE_TIMEOUT="150", HYBRIDGL_WARM_ON_OPEN="false")
-    worker = start_worker(service_env(tiny_settings, redis_url, LABEL_STUDIO_API_KEY=ENV_TOKEN, **common),
+    worker = start_worker(service_env(tiny_settings, redis_url, LABEL_STUDIO_URL=fake_ls["url"],
+                                      LABEL_STUDIO_API_KEY=ENV_TOKEN, **common),
                           WORKER_NAME, logs, redis_url)
     backend, url = start_backend(service_env(tiny_settings, redis_url, BASIC_AUTH_USER=AUTH[0],
                                              BASIC_AUTH_PASS=AUTH[1], **common), logs)
@@ -150,14 +142,12 @@ def test_the_workers_token_works_and_failures_do_not_show_it(stack, fake_ls):
 
 
 def test_job_records_and_answers_hold_no_token(stack):
-    from rq.job import Job
-
     conn = stack["conn"]
     keys = [k.decode() for k in conn.scan_iter("rq:job:*") if k.count(b":") == 2]
     assert keys
     for key in keys:
         job_id = key.split(":", 2)[2]
-        job = Job.fetch(job_id, connection=conn)
+        job = q.fetch_job(job_id, conn)
         _assert_no_token(repr((job.args, job.kwargs, job.description, job.meta)), f"job {job_id}'s arguments")
         answer = stack["client"].get(f"/jobs/{job_id}")
         assert answer.status_code == 200
@@ -257,9 +247,10 @@ def test_without_a_secret_key_the_setup_token_is_not_kept(redis_url, caplog):
 
     conn = redis.Redis.from_url(redis_url)
     project = "99.1700000000"
-    app = create_app(ServeSettings(redis_url=redis_url))
+    app = create_app(ServeSettings(redis_url=redis_url, basic_auth_user=AUTH[0], basic_auth_pass=AUTH[1]))
     try:
         with TestClient(app) as web:
+            web.auth = AUTH
             answer = web.post("/setup", json={"project": project, "schema": INTERACTIVE,
                                               "hostname": "http://127.0.0.1:9", "access_token": SETUP_TOKEN})
             assert answer.status_code == 200
@@ -287,3 +278,62 @@ def test_an_error_message_never_quotes_the_env_token(fake_ls, redis_url, caplog)
         _assert_no_token(str(failure.value), "a job's failure reason")
         assert ENV_TOKEN not in image or "<redacted>" in str(failure.value)
     _assert_no_token(caplog.text, "the worker's log records")
+
+
+# --- the web process's own guard ------------------------------------------------------------------
+def test_basic_auth_compares_both_fields_every_time(monkeypatch):
+    """Both fields are compared (in constant time, on digests) whether or not the first matches, so
+    the answer's timing does not tell a right user name from a wrong one."""
+    from backend import access
+
+    calls = []
+    real = access.hmac.compare_digest
+    monkeypatch.setattr(access.hmac, "compare_digest", lambda a, b: calls.append((len(a), len(b))) or real(a, b))
+
+    def header(user: str, password: str) -> str:
+        return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+    expected = AUTH
+    cases = {header(*AUTH): True, header(AUTH[0], "wrong"): False, header("someone", AUTH[1]): False,
+             header("", ""): False, "Basic !!!": False, "Bearer x": False, "": False,
+             header(AUTH[0], AUTH[1] + "x"): False, "basic " + header(*AUTH)[6:]: True}
+    for value, ok in cases.items():
+        calls.clear()
+        assert access.basic_auth_matches(value, expected) is ok, value
+        assert calls == [(32, 32), (32, 32)], value  # two digests, whatever the input
+
+
+def test_startup_warnings_and_the_example_password():
+    from backend.access import refuse_example_password, startup_warnings
+    from backend.errors import ConfigError
+
+    open_everywhere = ServeSettings(host="0.0.0.0")
+    assert any("without authentication" in w for w in startup_warnings(open_everywhere))
+    assert any("LABEL_STUDIO_URL is unset" in w for w in startup_warnings(open_everywhere))
+    assert not any("without authentication" in w for w in startup_warnings(ServeSettings(host="127.0.0.1")))
+    assert not any("without authentication" in w for w in startup_warnings(ServeSettings(host="::1")))
+    closed = ServeSettings(host="0.0.0.0", basic_auth_user="u", basic_auth_pass="long-password",
+                           label_studio_url="http://ls:8080", label_studio_api_key="k")
+    assert startup_warnings(closed) == []
+    key_without_url = ServeSettings(basic_auth_user="u", basic_auth_pass="p", label_studio_api_key="k")
+    assert any("only ever sent to LABEL_STUDIO_URL" in w for w in startup_warnings(key_without_url))
+    for password in ("", "change-me"):
+        with pytest.raises(ConfigError, match="BASIC_AUTH_PASS"):
+            refuse_example_password(ServeSettings(basic_auth_user="u", basic_auth_pass=password))
+    refuse_example_password(closed)
+
+
+def test_serve_warns_when_it_listens_beyond_loopback_without_auth(tiny_settings, redis_url, tmp_path):
+    """The real `hybridgl serve` on every interface without Basic auth says so in its log."""
+    from .services import Service, free_port, wait_for
+
+    port = free_port()
+    service = Service("open-backend", [sys.executable, "-m", "worker.cli", "serve", "--host", "0.0.0.0",
+                                       "--port", str(port)], service_env(tiny_settings, redis_url), tmp_path)
+    try:
+        wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code > 0, 60,
+                 "the backend to answer", service)
+        log = service.log_path.read_text()
+        assert f"listening on 0.0.0.0:{port} without authentication" in log, log[-2000:]
+    finally:
+        service.stop()

@@ -25,6 +25,10 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from worker.hybridgl.pipeline import HybridGL
     from worker.hybridgl.render import overlay
 
+    from worker.hybridgl.errors import InputError
+
+    if not args.expressions and not args.labels:
+        raise InputError("nothing to segment: give at least one EXPRESSION, or --labels A,B,...")
     settings = settings_from_args(args)
     rgb = load_image(args.image)
     proposals = None
@@ -38,9 +42,18 @@ def cmd_segment(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = Path(args.image).stem
+    labels = [label.strip() for label in (args.labels or "").split(",") if label.strip()]
+    if labels:  # label names: every instance of each, in one classification
+        answer = pipeline.instances(index, labels)
+        _write_instances(out / f"{stem}_labels", rgb, index, answer, answer.explanation)
     for n, expression in enumerate(args.expressions):
-        result = pipeline.query(index, expression)
         base = out / f"{stem}_{n:02d}_{_slug(expression)}"
+        parsed = pipeline.parse(expression)
+        if parsed.asks_for_set:  # "all the cars", "cars": every instance
+            answer = pipeline.instances(index, [expression])
+            _write_instances(base, rgb, index, answer, {**parsed.to_dict(), **answer.explanation})
+            continue
+        result = pipeline.query(index, expression)
         Image.fromarray(result.mask.astype(np.uint8) * 255).save(f"{base}.mask.png")
         Image.fromarray(overlay(rgb, result.mask, index.boxes[result.chosen])).save(f"{base}.overlay.png")
         Path(f"{base}.json").write_text(json.dumps(result.explanation, indent=1))
@@ -49,16 +62,37 @@ def cmd_segment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _write_instances(base: Path, rgb, index, answer, explanation: dict) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from worker.hybridgl.render import overlay
+
+    for k, found in enumerate(answer.instances):
+        mask = index.masks[found.index].numpy()
+        name = f"{base}_{_slug(answer.targets[found.target])}_{k:02d}"
+        Image.fromarray(mask.astype(np.uint8) * 255).save(f"{name}.mask.png")
+        Image.fromarray(overlay(rgb, mask, index.boxes[found.index])).save(f"{name}.overlay.png")
+    Path(f"{base}.json").write_text(json.dumps(explanation, indent=1))
+    found = ", ".join(f"{answer.targets[i.target]} {i.score:.3f}" for i in answer.instances) or "none"
+    print(f"{', '.join(map(repr, answer.targets))}: {len(answer.instances)} instance(s) of {len(index)} proposals "
+          f"({found}) -> {base}.json")
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import logging
 
     import uvicorn
 
+    from backend.access import refuse_example_password, startup_warnings
     from backend.app import create_app
     from backend.config import ServeSettings
 
     settings = ServeSettings.from_env(host=args.host, port=args.port)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    refuse_example_password(settings)
+    for warning in startup_warnings(settings):
+        logging.getLogger("hybridgl.backend").warning("%s", warning)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level)
     return 0
 
@@ -99,7 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     seg = sub.add_parser("segment", help="segment an image with one or more referring expressions")
     seg.add_argument("image", help="image file")
-    seg.add_argument("expressions", nargs="+", metavar="EXPRESSION", help="referring expression(s)")
+    seg.add_argument("expressions", nargs="*", metavar="EXPRESSION",
+                     help="referring expression(s); a plural one (\"all the cars\", \"cars\") gets every instance")
+    seg.add_argument("--labels", metavar="A,B,...",
+                     help="label names, comma-separated: every instance of each, none of an absent one (as "
+                          "pre-labeling with label names does)")
     seg.add_argument("--out", required=True, help="output folder (mask PNG, overlay PNG, JSON explanation)")
     seg.add_argument("--proposals", help=".npz with an array 'masks' (N x H x W bool) replacing SAM's proposals")
     add_settings_arguments(seg)

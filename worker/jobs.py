@@ -12,7 +12,6 @@ import logging
 import re
 import time
 from dataclasses import dataclass
-from statistics import mean
 
 import httpx
 import numpy as np
@@ -56,12 +55,17 @@ class Runtime:
 
         settings = settings or ServeSettings.from_env()
         conn = q.connect(settings.redis_url)
+        cache_conn = q.connect(settings.cache_url) if settings.cache_url else conn
         pipeline = pipeline or HybridGL()
-        return cls(settings, conn, pipeline, IndexCache(pipeline, conn, settings.memory_indexes, settings.index_ttl))
+        cache = IndexCache(pipeline, conn, cache_conn, memory_bytes=settings.memory_index_bytes,
+                           index_bytes=settings.index_cache_bytes, embedding_bytes=settings.embedding_cache_bytes,
+                           ttl=settings.index_ttl)
+        return cls(settings, conn, pipeline, cache)
 
     def labelstudio_access(self, payload: dict):
-        """(client or None, why there is none): LABEL_STUDIO_URL / _API_KEY, each else what /setup sent
-        (its token kept encrypted with HYBRIDGL_SECRET_KEY, see backend.queue.save_setup)."""
+        """(client or None, why there is none): LABEL_STUDIO_URL with LABEL_STUDIO_API_KEY (else /setup's
+        token), or else the address and token an authenticated /setup pinned (see backend.labelstudio.client_from
+        and backend.queue.save_setup)."""
         s = self.settings
         hostname = token = problem = None
         project = payload.get("project")
@@ -74,6 +78,9 @@ class Runtime:
         if not (s.label_studio_url or hostname):
             return None, ("Label Studio's address is unknown; set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY on "
                           "the workers")
+        if not s.label_studio_url and s.label_studio_api_key and not problem:
+            return None, ("LABEL_STUDIO_API_KEY is only sent to LABEL_STUDIO_URL, which is unset on the workers "
+                          "(never to an address /setup named); set LABEL_STUDIO_URL to Label Studio's address")
         return None, problem or ("the workers have no Label Studio token; set LABEL_STUDIO_API_KEY on the "
                                  "workers")
 
@@ -198,21 +205,19 @@ def predict(payload: dict) -> dict:
         except LabelConfigError as exc:
             raise _fail(str(exc)) from None
         rgb, client = _load_task_image(rt, payload)
-        index, source = _index(rt, rgb, task_id)
+        index, source = _index(rt, rgb, task_id, need_embedding=bool(payload.get("clicks")),
+                               keep_embedding=config.interactive)
         pipeline = rt.pipeline
-        results, scores = [], []
-        for item in payload.get("expressions", []):
-            try:
-                answer = pipeline.query(index, item["text"])
-            except ValueError as exc:  # empty/over-long expression, no region
-                raise _fail(f"task {task_id}: {exc}") from None
-            results += region_results(answer.mask, item.get("label"), config, score=answer.score)
-            scores.append(answer.score)
+        try:
+            regions = answer_expressions(pipeline, index, config, payload.get("expressions", []))
+        except ValueError as exc:  # empty/over-long expression, no region
+            raise _fail(f"task {task_id}: {exc}") from None
+        results = regions.results
         if payload.get("clicks"):
             mask, label, score = _refine(rt, index, payload)
             results += region_results(mask, label, config, score=score)
-            scores.append(score)
-        pred = prediction(results, float(mean(scores)) if scores else 0.0, pipeline.model_version)
+            regions.scores.append(score)
+        pred = prediction(results, regions.score, pipeline.model_version)
         _deliver(rt, payload, pred, client)
         if client is not None:
             q.clear_problem(rt.conn, LABEL_STUDIO_PROBLEM)  # reached it (image or prediction): not down
@@ -234,7 +239,66 @@ def predict(payload: dict) -> dict:
         queue_name = js.tier(job.origin) if job is not None else "direct"
         _count(rt, task_id, f"job_seconds_sum:{queue_name}", time.perf_counter() - started)
         _count(rt, task_id, f"job_count:{queue_name}")
-    return {"task_id": task_id, "prediction": pred, "index": source}
+    return {"task_id": task_id, "prediction": pred, "index": source, "thresholds": regions.thresholds}
+
+
+@dataclass
+class Regions:
+    """A task's regions (Label Studio results) and what scores and explains them."""
+
+    results: list[dict]
+    scores: list[float]  # one per region
+    doubt: float | None  # confidence of the least sure "absent" decision of the set answers
+    thresholds: dict  # label or expression -> instance threshold in force (set answers only)
+
+    @property
+    def score(self) -> float:
+        """The prediction's score: its least confident region, so that sorting the Data Manager by
+        prediction score shows the doubtful tasks first; without regions, the confidence that
+        nothing was missed (1 - the highest probability a rejected proposal had), else 1."""
+        if self.scores:
+            return float(min(self.scores))
+        return float(self.doubt) if self.doubt is not None else 1.0
+
+
+def answer_expressions(pipeline, index, config, items: list[dict]) -> Regions:
+    """Label names and plural expressions ("all the cars") get every instance, in one classification
+    of the image's proposals among all of them and the config's other labels; other expressions
+    get HybridGL's single choice (after the sets' regions). Raises ValueError (bad expression, no region) with the reason."""
+    labels = {label.casefold(): label for label in config.labels}
+    sets, singles = [], []
+    for item in items:
+        text = item["text"]
+        if text.strip().casefold() in labels or pipeline.parse(text).asks_for_set:
+            sets.append(item)
+        else:
+            singles.append(item)
+    out = Regions([], [], None, {})
+    default = pipeline.settings.instance_threshold
+    if sets:
+        targets = [item["text"] for item in sets]
+        # The targets' own labels are not competitors: "all the cars" labelled car must not split with "car".
+        asked = {str(item.get("label") or item["text"]).strip().casefold() for item in sets}
+        others = [label for label in config.labels if label.strip() and label.casefold() not in asked]
+        thresholds = []
+        for item in sets:
+            own = config.threshold_for(item.get("label")) if item.get("label") else None
+            if own is None:
+                own = config.threshold_for(labels.get(item["text"].strip().casefold()))
+            thresholds.append(default if own is None else own)
+        answer = pipeline.instances(index, targets, others, thresholds)
+        out.thresholds = dict(zip(targets, thresholds))
+        out.doubt = answer.doubt
+        for found in answer.instances:
+            item = sets[found.target]
+            out.results += region_results(index.masks[found.index].numpy(), item.get("label"), config,
+                                          score=found.score)
+            out.scores.append(found.score)
+    for item in singles:
+        answer = pipeline.query(index, item["text"])
+        out.results += region_results(answer.mask, item.get("label"), config, score=answer.score)
+        out.scores.append(answer.score)
+    return out
 
 
 def _count(rt: Runtime, task_id, name: str, amount: float = 1) -> None:
@@ -245,19 +309,27 @@ def _count(rt: Runtime, task_id, name: str, amount: float = 1) -> None:
         log.warning("task %s: could not count %s for /metrics: %s", task_id, name, exc)
 
 
-def _index(rt: Runtime, rgb: np.ndarray, task_id):
-    """The image's index (cached or built). Running out of memory fails the job, without retry, with
-    the reason; the worker frees what the attempt held and goes on with the next job."""
-    try:
-        return rt.cache.get(rgb)
-    except Exception as exc:  # noqa: BLE001 - only memory errors are handled here
-        if not _is_out_of_memory(exc):
-            raise
-        asked = re.search(r"allocate (\d+) bytes|allocate ([\d.]+ [KMGT]i?B)", str(exc))
-        detail = ("allocating " + (f"{int(asked[1]) / 2**20:.0f} MiB" if asked[1] else asked[2]) + " more failed"
-                  if asked else type(exc).__name__)
-    # Outside the handler, so that the traceback (and the tensors its frames hold) is gone first.
-    _free_memory(rt)
+def _index(rt: Runtime, rgb: np.ndarray, task_id, need_embedding: bool = False, keep_embedding: bool = False):
+    """The image's index (cached or built). Running out of memory empties the worker's index cache and
+    tries once more; a second time fails the job, without retry, with the reason. The worker frees what
+    the attempts held and goes on with the next job."""
+    for attempt in (1, 2):
+        try:
+            return rt.cache.get(rgb, need_embedding=need_embedding, keep_embedding=keep_embedding)
+        except Exception as exc:  # noqa: BLE001 - only memory errors are handled here
+            if not _is_out_of_memory(exc):
+                raise
+            asked = re.search(r"allocate (\d+) bytes|allocate ([\d.]+ [KMGT]i?B)", str(exc))
+            detail = ("allocating " + (f"{int(asked[1]) / 2**20:.0f} MiB" if asked[1] else asked[2])
+                      + " more failed" if asked else type(exc).__name__)
+        # Outside the handler, so that the traceback (and the tensors its frames hold) is gone first.
+        if attempt == 1:
+            held = rt.cache.memory.bytes
+            rt.cache.memory.clear()
+            log.warning("task %s: out of memory (%s) with %d MiB of indexes cached in memory: emptied that cache, "
+                        "trying again", task_id, detail, held // 2**20)
+            _count(rt, task_id, "index_oom_retries")
+        _free_memory(rt)
     h, w = rgb.shape[:2]
     budget = f"HYBRIDGL_JOB_MEMORY={rt.settings.job_memory} MiB" if rt.settings.job_memory else "the host's memory"
     job = get_current_job()
@@ -265,9 +337,9 @@ def _index(rt: Runtime, rgb: np.ndarray, task_id):
     q.report_problem(rt.conn, f"memory:{worker}", (
         f"{worker} ran out of memory on task {task_id} ({w}x{h} image, {budget}): lower IMAGE_MAX_PIXELS to refuse "
         "such images up front, or give workers more memory"), MEMORY_PROBLEM_SECONDS)
-    raise _fail(f"task {task_id}: out of memory while processing its {w}x{h} image ({budget}; {detail}): lower "
-                "IMAGE_MAX_PIXELS so that such images are refused up front, or give the workers more memory "
-                "(HYBRIDGL_JOB_MEMORY) and run the task again")
+    raise _fail(f"task {task_id}: out of memory while processing its {w}x{h} image ({budget}; {detail}; also with "
+                "the worker's index cache emptied): lower IMAGE_MAX_PIXELS so that such images are refused up "
+                "front, or give the workers more memory (HYBRIDGL_JOB_MEMORY) and run the task again")
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
@@ -345,13 +417,18 @@ def write_prediction(client, task_id: int, pred: dict) -> None:
 
 
 def warm(payload: dict) -> dict:
-    """Build (or find) an image's index ahead of the first prompt."""
+    """Build (or find) an image's index ahead of the first prompt, unless the shared cache is full of
+    entries used within HYBRIDGL_WARMUP_PROTECT_SECONDS (then skipped and counted: a guess must not
+    evict what people use)."""
     rt = runtime()
+    if rt.cache.full_of_recent(rt.settings.warmup_protect_seconds):
+        _count(rt, payload.get("task_id"), "warmups_skipped")
+        return {"task_id": payload.get("task_id"), "index": "skipped", "masks": None}
     try:
         rgb, client = _load_task_image(rt, payload)
     except LabelStudioError as exc:
         _report_unreachable(rt, exc)
         raise
     _close(client)
-    index, source = _index(rt, rgb, payload.get("task_id"))
+    index, source = _index(rt, rgb, payload.get("task_id"), keep_embedding=bool(payload.get("interactive")))
     return {"task_id": payload.get("task_id"), "index": source, "masks": len(index)}

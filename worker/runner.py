@@ -27,7 +27,7 @@ import threading
 import time
 
 import redis
-from rq import Queue, SimpleWorker
+from rq import SimpleWorker
 from rq.executions import Execution
 from rq.registry import StartedJobRegistry
 from rq.scheduler import RQScheduler
@@ -74,7 +74,7 @@ def run_worker(serve: ServeSettings, method_settings, name: str | None = None, b
     # thread instead: one holds the lock, and a dead worker's lock passes on when the reaper frees it.
     # Every tick re-checks ownership (RQ 3's acquire_locks acquires or refreshes by owner, atomically), so
     # a worker whose lock was taken over stops moving due retries; release_locks frees only its own.
-    scheduler = RQScheduler(list(q.QUEUES), connection=conn, name=name)
+    scheduler = RQScheduler(list(q.QUEUES), connection=conn, name=name, serializer=q.SERIALIZER)
 
     def housekeeping() -> None:
         next_beat = time.monotonic() + serve.worker_heartbeat
@@ -115,14 +115,15 @@ class FairWorker(SimpleWorker):
     def __init__(self, tiers, connection: redis.Redis, **kwargs):
         self.tiers = tuple(tiers)
         self._batch_turn: list[str] = []  # batch queues, the next to serve first
-        super().__init__(self._tier_queues(connection, []), connection=connection, **kwargs)
+        kwargs.setdefault("job_class", q.TrustedJob)  # tests/test_dequeue_order.py runs its own job function
+        super().__init__(self._tier_queues(connection, []), connection=connection, serializer=q.SERIALIZER, **kwargs)
 
     def _tier_queues(self, conn: redis.Redis, batch_names: list[str]) -> list[Queue]:
         names: list[str] = []
         for name in self.tiers:
             names += batch_names if name == q.BATCH else [name]
         # At least one queue to listen on (RQ needs one), before any project has a batch queue.
-        return [Queue(n, connection=conn) for n in names or [q.INTERACTIVE]]
+        return [q.make_queue(n, conn) for n in names or [q.INTERACTIVE]]
 
     def refresh_queues(self) -> None:
         """Pick up new projects' batch queues, first in the turn (not served yet); keep the known ones' order."""
@@ -134,7 +135,7 @@ class FairWorker(SimpleWorker):
         self.queues = self._tier_queues(self.connection, self._batch_turn)
         self._ordered_queues = self.queues[:]
 
-    def reorder_queues(self, reference_queue: Queue) -> None:
+    def reorder_queues(self, reference_queue) -> None:
         """The batch queue just served goes to the end of the turn (RQ's round robin, within the tier)."""
         if reference_queue.name in self._batch_turn:
             self._batch_turn.remove(reference_queue.name)
@@ -186,7 +187,7 @@ def reap_dead_workers_jobs(conn: redis.Redis) -> list[str]:
     dead_workers: dict[str, list[str]] = {}
     queue_names = all_queue_names(conn)
     for queue_name in queue_names:
-        registry = StartedJobRegistry(queue_name, connection=conn)
+        registry = q.registry(StartedJobRegistry, queue_name, conn)
         expired = {}
         for entry in conn.zrange(registry.key, 0, -1):
             job_id, execution_id = parse_composite_key(entry.decode())

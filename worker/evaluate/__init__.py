@@ -36,7 +36,8 @@ deleted, regions added by annotators; per ``model_version``, per label, and both
 Modules: ``refer`` and ``phrasecut`` read the two dataset formats into ``samples.Sample``s;
 ``masks`` rasterizes their ground truth (COCO's with pycocotools); ``metrics`` computes oIoU/mIoU and
 the summaries; ``benchmark`` runs the method over samples (resumable files); ``labelstudio_report`` is
-the export mode. This package's ``add_arguments(parser)`` adds the command's options and imports
+the export mode; ``instances`` is the instance mode (``--coco-instances``, ``--labelstudio-export
+--instances``: every instance of each label, see its docstring). This package's ``add_arguments(parser)`` adds the command's options and imports
 nothing heavy; ``run(args)`` does the work (the method's settings come from
 ``worker.hybridgl.settings.settings_from_args``: flags when the parser has them, else ``HYBRIDGL_*``
 variables, else defaults).
@@ -104,10 +105,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ls.add_argument("--accept-iou", dest="accept_iou", type=float, default=0.99,
                     help="a predicted region counts as accepted unchanged when its annotation region has "
                          "the same label and at least this IoU with it (default 0.99)")
+    from worker.evaluate.instances import add_arguments as add_instance_arguments
+
+    add_instance_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    """``hybridgl evaluate``: a benchmark run (``--dataset``) or a Label Studio export report."""
+    """``hybridgl evaluate``: a benchmark run (``--dataset``), a Label Studio export report, or instances."""
+    from worker.evaluate import instances
+
+    if instances.wanted(args):
+        return instances.run(args)
     if getattr(args, "labelstudio_export", None):
         if getattr(args, "dataset", None):
             raise EvaluateError("--labelstudio-export and --dataset are separate modes: give one of them")

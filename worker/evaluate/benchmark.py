@@ -226,11 +226,12 @@ def index_cache_path(cache_dir: Path, key: str) -> Path:
 
 
 def save_index(path: Path, index) -> None:
-    """Store an index for ``--index-cache`` (without SAM's embedding: point refinement is not used here)."""
+    """Store an index for ``--index-cache`` (``to_bytes`` leaves SAM's embedding out: point refinement is not
+    used here)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    tmp.write_bytes(dataclasses.replace(index, sam_embedding=None, sam_input_size=None).to_bytes())
+    tmp.write_bytes(index.to_bytes())
     os.replace(tmp, path)
 
 

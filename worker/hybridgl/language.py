@@ -27,6 +27,7 @@ __all__ = [
     "RELATIONS",
     "DIRECTIONS",
     "SCENE_NOUNS",
+    "SET_WORDS",
     "load_spacy",
     "parse_expression",
 ]
@@ -66,6 +67,12 @@ DIRECTION_KEYWORDS: dict[str, str] = {
 SCENE_NOUNS: frozenset[str] = frozenset(
     {"part", "image", "side", "picture", "half", "region", "section", "photo"})
 
+# An expression asks for a set of objects (every instance, not HybridGL's single choice) when its
+# target word is a plural noun ("cars", "the two dogs") or is, or is quantified by, one of these
+# ("all the cars", "all of the cars", "every person on the bench", "each cup", "both cups").
+SET_WORDS: frozenset[str] = frozenset({"all", "every", "each", "both"})
+_PLURAL_TAGS: frozenset[str] = frozenset({"NNS", "NNPS"})
+
 RELATIONS: tuple[str, ...] = ("none", "left", "right", "up", "down", "big", "small", "within")
 DIRECTIONS: tuple[str, ...] = ("none", "left", "right", "middle", "up", "down")
 
@@ -87,6 +94,7 @@ class ParsedExpression:
     other_nouns: tuple[str, ...]   # other noun-chunk texts, in document order
     relation: str                  # one of RELATIONS
     direction: str                 # one of DIRECTIONS
+    asks_for_set: bool = False     # plural or quantified target: every instance, not one choice
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -217,6 +225,11 @@ def parse_expression(
         first_child = next(iter(root.children), None)
         root_chunk = _chunk_of(first_child, chunks) if first_child is not None else None
     noun_phrase = root_chunk.text if root_chunk is not None else text
+    target = root_chunk.root if root_chunk is not None else root
+    asks_for_set = target.tag_ in _PLURAL_TAGS or any(
+        tok.text in SET_WORDS and (tok.i == target.i or tok.head.i == target.i
+                                   or (root_chunk is not None and root_chunk.start <= tok.i < root_chunk.end))
+        for tok in doc)
 
     other = [c for c in chunks if c.text != noun_phrase and c.root.text not in RELATION_WORDS]
     other_nouns = tuple(c.text for c in other)
@@ -235,4 +248,5 @@ def parse_expression(
         other_nouns=other_nouns,
         relation=relation,
         direction=direction,
+        asks_for_set=asks_for_set,
     )

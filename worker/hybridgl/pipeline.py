@@ -2,11 +2,13 @@
 
 ``index`` does everything that depends on the image alone (SAM proposals, hybrid region features,
 GEM patch features); ``query`` does text-side work only. ``segment`` is both in one call and gives
-exactly the same answer.
+exactly the same answer. ``instances(index, targets)`` answers label names and plural expressions
+with every instance (``instances.py``) instead of HybridGL's single choice.
 """
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections import OrderedDict
@@ -16,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import guidance
+from . import guidance, instances as sets
 from .clip_ops import encode_text_raw
 from .errors import InputError
 from .gem import gem_patch_features, heat_map
@@ -44,6 +46,14 @@ class QueryResult:
     explanation: dict = field(repr=False)
 
 
+@dataclass
+class InstancesResult:
+    targets: tuple[str, ...]  # what was asked for, in order
+    instances: list[sets.Instance]  # every instance kept, per target in target order, most confident first
+    doubt: float | None  # confidence of the least sure "absent" decision (None: no proposal came near)
+    explanation: dict = field(repr=False)
+
+
 class HybridGL:
     """Models loaded once; then any number of images and expressions.
 
@@ -61,6 +71,8 @@ class HybridGL:
         self._text_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._text_lock = threading.Lock()
         self._sticky_k = [self.settings.k1, self.settings.k2]  # only used with sticky_k (release bug)
+        # Parses are small (expressions are at most 1000 characters), so a count bounds their bytes.
+        self._parse_cached = functools.lru_cache(maxsize=TEXT_CACHE_SIZE)(self._parse)
 
     # --- identity ----------------------------------------------------------------------
     @property
@@ -146,7 +158,17 @@ class HybridGL:
             return torch.stack([self._text_cache[t] for t in texts])
 
     def parse(self, expression: str) -> ParsedExpression:
+        """The parse of ``expression``; cached (like the text features): label names are parsed for every
+        image, and 200 of them take seconds to parse."""
+        return self._parse_cached(expression)
+
+    def _parse(self, expression: str) -> ParsedExpression:
         return parse_expression(self.nlp, expression, right_fires=self.settings.right_fires)
+
+    def text_features(self, parsed: list[ParsedExpression]) -> torch.Tensor:
+        """HybridGL's text feature t = normalize(0.5·E(text) + 0.5·E(phrase)) per parsed expression (as query's)."""
+        raw = self.encode_texts([x for p in parsed for x in (p.text, p.noun_phrase)]).reshape(len(parsed), 2, -1)
+        return F.normalize(0.5 * raw[:, 0] + 0.5 * raw[:, 1], dim=-1)
 
     def query(self, index: ImageIndex, expression: str) -> QueryResult:
         """The mask ``expression`` refers to, with every intermediate value in the explanation."""
@@ -205,6 +227,36 @@ class HybridGL:
         return QueryResult(chosen=chosen, pure=pure, mask=index.masks[chosen].numpy(), score=float(p[chosen]),
                            parsed=parsed, explanation=explanation)
 
+    def instances(self, index: ImageIndex, targets: list[str], others: list[str] = (),
+                  thresholds: list[float] | None = None) -> InstancesResult:
+        """Every instance of each target (label names, or plural expressions), none of an absent one.
+
+        Each proposal is classified among ``targets``, ``others`` (the project's other labels) and
+        the background prompts (setting ``background_prompts``); see ``instances.py`` for the rule.
+        ``thresholds``: one probability per target (default: setting ``instance_threshold``).
+        A target or other class with no words raises EmptyExpressionError (a ValueError).
+        """
+        s = self.settings
+        targets = tuple(targets)
+        if not targets:
+            raise ValueError("instances() needs at least one target")
+        taken = {t.casefold() for t in targets}
+        others = [o for o in dict.fromkeys(others) if o.casefold() not in taken]
+        taken |= {o.casefold() for o in others}
+        backgrounds = [b for b in s.background_prompt_list if b.casefold() not in taken]
+        names = [*targets, *others, *backgrounds]
+        thresholds = [s.instance_threshold] * len(targets) if thresholds is None else list(thresholds)
+        n = len(index.masks)
+        if n == 0:
+            probabilities = np.zeros((0, len(names)))
+        else:
+            class_features = self.text_features([self.parse(name) for name in names])
+            probabilities = sets.classify(index.features.float().numpy(), class_features.numpy(), s.logit_scale)
+        decisions = sets.decide(probabilities, len(targets), thresholds, index.masks, s.instance_overlap)
+        explanation = _instances_explanation(index, names, len(targets), len(others), thresholds, s, decisions)
+        return InstancesResult(targets=targets, instances=decisions.instances, doubt=decisions.doubt(len(targets)),
+                               explanation=explanation)
+
     def segment(self, image, expression: str, proposals: np.ndarray | None = None) -> QueryResult:
         """One-shot: index then query (identical to calling both)."""
         return self.query(self.index(image, proposals), expression)
@@ -239,6 +291,34 @@ def _explanation(parsed, index, s_scores, p, q, candidates, references, t_soft, 
             "final": None if k is None else _num(final[k]),
         })
     return {**parsed.to_dict(), "pure": pure, "chosen": chosen, "masks": masks}
+
+
+def _instances_explanation(index, names, n_targets, n_others, thresholds, s, decisions) -> dict:
+    labelled = n_targets + n_others  # classes after these are background prompts
+    masks = []
+    for i in range(len(index.masks)):
+        x, y, w, h = (float(v) for v in index.boxes[i])
+        row = decisions.probabilities[i]
+        best = int(decisions.best[i])
+        masks.append({
+            "index": i,
+            "box": [x, y, w, h],
+            "area": w * h,
+            "probabilities": {name: float(row[c]) for c, name in enumerate(names[:labelled])},
+            sets.BACKGROUND: float(row[labelled:].sum()),
+            "best": names[best] if best < labelled else sets.BACKGROUND,
+            "decision": decisions.decision[i],
+            "overlaps": decisions.overlapped[i],
+        })
+    return {
+        "targets": list(names[:n_targets]),
+        "other_labels": list(names[n_targets:labelled]),
+        "background_prompts": list(names[labelled:]),
+        "thresholds": {name: float(t) for name, t in zip(names[:n_targets], thresholds)},
+        "overlap": s.instance_overlap,
+        "instances": [{"index": d.index, "target": names[d.target], "score": d.score} for d in decisions.instances],
+        "masks": masks,
+    }
 
 
 def _num(v) -> float | None:

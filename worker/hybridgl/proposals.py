@@ -2,11 +2,14 @@
 
 This is segment-anything's ``SamAutomaticMaskGenerator`` algorithm, step for step and built from
 its own utility functions, so the masks, their order and their boxes are the generator's (a test
-compares both on real photos). Three things differ, none changing a result:
+compares both on real photos; another compares the decoder's logits bit for bit). What differs
+changes no result:
 
-- masks below ``pred_iou_thresh`` are dropped *before* their logits are upsampled to the image
-  size (the IoU prediction does not depend on the upsampled mask), which saves most of SAM's
-  post-processing time;
+- the mask decoder (``decode_point_prompts``) keeps the image embedding one image wide instead of
+  copying it per point prompt, so the first two-way block's image side runs once per batch;
+- masks below ``pred_iou_thresh`` are dropped *before* the decoder upscales their image tokens
+  and before their logits are upsampled to the image size (the IoU prediction depends on
+  neither), which saves most of SAM's post-processing time;
 - masks stay boolean tensors throughout instead of going through RLE and back;
 - survivors are upsampled a few at a time (``UPSAMPLE_BYTES``), so memory grows with the image's
   pixels times the masks kept, not times every mask SAM decoded.
@@ -138,21 +141,12 @@ class MaskProposer:
         sam = self.sam
         in_points = torch.as_tensor(self.transform.apply_coords(points, crop_size), device=self.device)
         in_labels = torch.ones(in_points.shape[0], dtype=torch.int, device=self.device)
-        sparse, dense = sam.prompt_encoder(points=(in_points[:, None, :], in_labels[:, None]), boxes=None, masks=None)
-        low_res, iou_preds = sam.mask_decoder(
-            image_embeddings=features, image_pe=sam.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=True)
-
-        n_out = low_res.shape[1]
-        data = MaskData(low_res=low_res.flatten(0, 1), iou_preds=iou_preds.flatten(0, 1),
-                        points=torch.as_tensor(points.repeat(n_out, axis=0)))
-        if p["pred_iou_thresh"] > 0.0:
-            data.filter(data["iou_preds"] > p["pred_iou_thresh"])
+        low_res, iou_preds, kept = decode_point_prompts(sam, features, in_points, in_labels, p["pred_iou_thresh"])
+        data = MaskData(iou_preds=iou_preds.flatten(0, 1)[kept.flatten()],
+                        points=torch.as_tensor(points.repeat(iou_preds.shape[1], axis=0))[kept.flatten().cpu()])
         # Only the survivors are upsampled: the same per-mask computation as SAM's predict_torch, a few
         # masks at a time so that the float logits at image size stay within UPSAMPLE_BYTES (a 12-megapixel
         # photo's 100 survivors would need 5 GB at once); only the boolean masks that pass are kept.
-        low_res = data["low_res"]
-        del data["low_res"]
         chunk = max(1, UPSAMPLE_BYTES // (4 * crop_size[0] * crop_size[1]))
         masks, stability, passed = [], [], []
         for start in range(0, len(low_res), chunk):
@@ -196,3 +190,41 @@ class MaskProposer:
                 out_masks[i] = new_masks_t[i]
                 boxes[i] = new_boxes[i]
         return out_masks[keep], boxes[keep]
+
+
+def decode_point_prompts(sam, features: torch.Tensor, points: torch.Tensor, labels: torch.Tensor,
+                         iou_thresh: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SAM's mask decoder (``MaskDecoder.predict_masks``, multimask output) for a batch of single-point
+    prompts on one image, computing only what the generator keeps.
+
+    Returns (low-res logits (K, h, w) of the masks whose predicted IoU exceeds ``iou_thresh``, in
+    prompt-major order; predicted IoUs (B, 3); which masks those are (B, 3) bool). Every kept value is
+    the stock decoder's, bit for bit (tests compare), with two savings:
+
+    - the stock decoder copies the image embedding, its positional encoding and the (mask-less, so
+      shared) dense prompt embedding once per prompt; here they stay one image wide and broadcast,
+      so the first two-way block's image-side projections run once instead of once per prompt (the
+      image tokens only start to differ per prompt at the end of that block);
+    - the upscaling of the image tokens and the mask product run only for the prompts that have a
+      mask above ``iou_thresh``: the predicted IoU does not depend on them.
+    """
+    decoder = sam.mask_decoder
+    sparse, dense = sam.prompt_encoder(points=(points[:, None, :], labels[:, None]), boxes=None, masks=None)
+    # Without a mask prompt ``dense`` is one learned embedding expanded over the batch: the same for all.
+    src = features + dense[:1]
+    tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
+    tokens = torch.cat((tokens.unsqueeze(0).expand(sparse.size(0), -1, -1), sparse), dim=1)
+    # TwoWayTransformer broadcasts a one-image ``src`` against the batch of prompts: its first block's
+    # image-side projections see one image, and the image tokens come out one per prompt.
+    hs, keys = decoder.transformer(src, sam.prompt_encoder.get_dense_pe(), tokens)
+    iou_preds = decoder.iou_prediction_head(hs[:, 0, :])[:, 1:]
+    kept = iou_preds > iou_thresh if iou_thresh > 0.0 else torch.ones_like(iou_preds, dtype=torch.bool)
+    prompts = kept.any(dim=1).nonzero()[:, 0]
+    mask_tokens = hs[:, 1:1 + decoder.num_mask_tokens, :]
+    hyper_in = torch.stack([mlp(mask_tokens[:, i, :]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)],
+                           dim=1)[prompts]
+    c, (h, w) = src.shape[1], src.shape[-2:]
+    upscaled = decoder.output_upscaling(keys[prompts].transpose(1, 2).view(len(prompts), c, h, w))
+    b, c, h, w = upscaled.shape
+    masks = (hyper_in @ upscaled.view(b, c, h * w)).view(b, decoder.num_mask_tokens, h, w)[:, 1:]
+    return masks[kept[prompts]], iou_preds, kept

@@ -111,6 +111,16 @@ class Settings:
     # --- step 6: final choice -------------------------------------------------------------
     alpha: float = _setting(0.6, "Weight of the coherence score against the relation score.", "query")
 
+    # --- sets: label names and plural expressions (instances.py) ---------------------------
+    instance_threshold: float = _setting(
+        0.5, "Least probability of a label (classified among all labels and the background prompts) for a proposal to be an instance of it, or of a plural expression (0-1); a label's hybridgl_threshold attribute in the label config overrides it for that label.", "query")
+    instance_overlap: float = _setting(
+        0.5, "Proposals of one label whose intersection covers at least this share of the smaller one are one object (a whole and its part): the most confident is kept (0-1].", "query")
+    background_prompts: str = _setting(
+        "background;a part of an object;a texture;an empty area",
+        "Semicolon-separated prompts that compete with the labels for each region's probability (one equal to a label is left out).",
+        "query")
+
     # ------------------------------------------------------------------------------------
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -122,6 +132,10 @@ class Settings:
             raise SettingsError("settings k1 and k2 must be at least 1")
         if self.blur_kernel < 1 or self.blur_kernel % 2 == 0:
             raise SettingsError(f"setting blur_kernel={self.blur_kernel} must be a positive odd number")
+        if not 0.0 <= self.instance_threshold <= 1.0:
+            raise SettingsError(f"setting instance_threshold={self.instance_threshold} must be a probability in [0, 1]")
+        if not 0.0 < self.instance_overlap <= 1.0:
+            raise SettingsError(f"setting instance_overlap={self.instance_overlap} must be in (0, 1]")
         if "{}" not in self.gem_prompt:
             raise SettingsError("setting gem_prompt must contain {} where the phrase goes")
 
@@ -137,6 +151,10 @@ class Settings:
                 values[f.name] = parse_value(f, raw)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
+
+    @property
+    def background_prompt_list(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(p.strip() for p in self.background_prompts.split(";") if p.strip()))
 
     def replace(self, **changes: Any) -> "Settings":
         return dataclasses.replace(self, **changes)
