@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from rq.exceptions import NoSuchJobError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from backend import cache_store, delivery, interaction
+from backend import batches, cache_store, delivery, interaction
 from backend import jobspec as js
 from backend import queue as q
 from backend.access import AccessGuard
@@ -238,14 +238,18 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
             digest = digest or js.store_label_config(conn, body.label_config)
             waiting[i] = _prediction_job(req, body, config, digest, version, interactive=False)
             jobs.enqueue(waiting[i])
+        if waiting:  # a batch anyone can see (GET /batches) and cancel
+            batches.add_jobs(conn, batches.create(conn, body.project, batches.PREDICT),
+                             [spec.job_id for spec in waiting.values()])
         waited = [spec.job_id for spec in list(waiting.values())[:BATCH_WAITED]]
         outcomes = jobs.wait(waited, time.monotonic() + settings.batch_budget)
         for i, spec in waiting.items():
             key = delivery.entry_key(body.project, spec.payload["task_id"], version)
             outcome = outcomes.get(spec.job_id) or jobs.outcome(spec.job_id)
             answer = outcome.value["prediction"] if outcome.status == "finished" else None
-            if outcome.status == "failed":
-                log.warning("task %s failed: %s (job %s)", body.tasks[i].get("id"), outcome.error, spec.job_id)
+            if outcome.status in ("failed", "canceled"):
+                log.warning("task %s %s: %s (job %s)", body.tasks[i].get("id"), outcome.status, outcome.error,
+                            spec.job_id)
                 continue
             if outcome.status == "pending":
                 handed = ledger.hand_off(key, spec.job_id, view)
@@ -319,6 +323,30 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
             enqueued_at=job.enqueued_at.isoformat() if job.enqueued_at else None,
             ended_at=job.ended_at.isoformat() if job.ended_at else None)
 
+    @app.get("/batches")
+    def list_batches(project: str | None = None):
+        """Every prelabel run and /predict batch still visible, oldest first (``?project=ID`` for one project)."""
+        return {"batches": [b.as_dict() for b in batches.listing(conn, project)]}
+
+    def _batch_or_404(batch_id: str) -> batches.BatchState:
+        try:
+            return batches.state(conn, batch_id)
+        except batches.BatchNotFound:
+            shown = batch_id if len(batch_id) <= 100 else batch_id[:97] + "..."
+            raise ApiError(404, f"no batch {shown!r}: see GET /batches for the batches still visible (a batch is "
+                                "listed until its jobs' records expire, HYBRIDGL_RESULT_TTL after they end)") from None
+
+    @app.get("/batches/{batch_id}")
+    def get_batch(batch_id: str):
+        return _batch_or_404(batch_id).as_dict()
+
+    @app.delete("/batches/{batch_id}")
+    def cancel_batch(batch_id: str):
+        """Remove the batch's queued jobs; running ones finish and deliver their predictions."""
+        _batch_or_404(batch_id)
+        removed = batches.cancel(conn, batch_id, settings.result_ttl)
+        return {"canceled": removed, "batch": batches.state(conn, batch_id).as_dict()}
+
     @app.get("/metrics", response_class=PlainTextResponse)
     def metrics():
         return PlainTextResponse(render_metrics(conn, jobs, cache_conn), media_type="text/plain; version=0.0.4")
@@ -354,12 +382,21 @@ def render_metrics(conn: redis.Redis, jobs: q.JobQueue, cache_conn: redis.Redis 
             lines.append(f"{name}{{{label_text}}} {value:g}" if label_text else f"{name} {value:g}")
 
     counters = q.metrics(conn)
-    metric("hybridgl_queue_depth", "gauge", "Jobs waiting per queue.",
+    projects = q.project_depths(conn)
+    queues_of = {n: [n] for n in js.QUEUES}
+    queues_of[js.BATCH] = [js.batch_queue(p) for p in projects]
+
+    def per_tier(registry) -> list[tuple[dict, float]]:
+        return [({"queue": t}, float(sum(registry(n, connection=conn).count for n in names)))
+                for t, names in queues_of.items()]
+
+    metric("hybridgl_queue_depth", "gauge", "Jobs waiting per queue (batch: every project's batch queue).",
            [({"queue": name}, float(n)) for name, n in jobs.depths().items()])
-    metric("hybridgl_jobs_running", "gauge", "Jobs being run per queue.",
-           [({"queue": n}, float(q.registry(StartedJobRegistry, n, conn).count)) for n in js.QUEUES])
+    metric("hybridgl_project_queue_depth", "gauge", "Batch jobs waiting per project (see GET /batches).",
+           [({"project": p}, float(n)) for p, n in projects.items()])
+    metric("hybridgl_jobs_running", "gauge", "Jobs being run per queue.", per_tier(StartedJobRegistry))
     metric("hybridgl_jobs_failed", "gauge", "Failed jobs kept per queue (see /jobs/{id} for reasons).",
-           [({"queue": n}, float(q.registry(FailedJobRegistry, n, conn).count)) for n in js.QUEUES])
+           per_tier(FailedJobRegistry))
     metric("hybridgl_workers", "gauge", "Workers alive (heartbeat within a minute).",
            [({}, float(len(q.live_workers(conn))))])
     metric("hybridgl_job_seconds_sum", "counter", "Seconds spent in jobs per queue.",

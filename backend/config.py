@@ -51,7 +51,8 @@ class ServeSettings:
     torch_threads: int = _env("HYBRIDGL_TORCH_THREADS", 0, "CPU threads a worker's torch uses (0 = torch's default, all cores).")
     job_memory: int = _env("HYBRIDGL_JOB_MEMORY", 0, "MiB of memory a worker may allocate beyond what it holds once its models are loaded (Linux: RLIMIT_DATA; 0 = no limit). A job whose image needs more fails with 'out of memory' and the worker goes on, instead of the kernel killing it. Covers the in-memory index cache too.")
     worker_heartbeat: float = _env("HYBRIDGL_WORKER_HEARTBEAT", 10.0, "Seconds between a worker's heartbeats. A worker silent for 3 of them is taken as dead: another worker retries the job it was running.")
-    worker_queues: str = _env("HYBRIDGL_QUEUES", "interactive,batch,warmup", "Queues a worker listens on, highest priority first.")
+    project_max_queued: int = _env("HYBRIDGL_PROJECT_MAX_QUEUED", 0, "Most batch jobs one project may have queued: `hybridgl prelabel` enqueues more only as the workers take them (0 = no cap). Keeps a huge run from filling Redis with job records; other projects are served in turn either way.")
+    worker_queues: str = _env("HYBRIDGL_QUEUES", "interactive,batch,warmup", "Queues a worker listens on, highest priority first; batch stands for every project's batch queue, taken in turn.")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "ServeSettings":

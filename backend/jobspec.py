@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -32,7 +33,10 @@ PREFIX = "hybridgl"
 PREDICT_JOB = "worker.jobs.predict"
 WARM_JOB = "worker.jobs.warm"
 INTERACTIVE, BATCH, WARMUP = "interactive", "batch", "warmup"
-QUEUES = (INTERACTIVE, BATCH, WARMUP)
+QUEUES = (INTERACTIVE, BATCH, WARMUP)  # the tiers, in the order workers serve them
+# Batch work has one RQ queue per project (``batch-<project>``), so that workers can take the projects
+# in turn (worker.runner) instead of one project's big batch holding everyone else's behind it.
+BATCH_QUEUE_PREFIX = f"{BATCH}-"
 # A stored label config outlives any job that names it: a week covers a long prelabel queue plus retries.
 LABEL_CONFIG_TTL = 7 * 24 * 3600
 
@@ -56,6 +60,20 @@ class JobSpec:
 def project_id(project: Any) -> str:
     """Label Studio's project id: /predict sends '<id>.<created timestamp>', prelabel the bare id."""
     return str(project).split(".", 1)[0] if project is not None else ""
+
+
+def batch_queue(project: Any) -> str:
+    """The batch queue of a project. A project id that is not a plain name (it comes from requests) is
+    replaced by a digest, so that a queue name never carries odd characters into Redis keys."""
+    pid = project_id(project) or "none"
+    if not re.fullmatch(r"[A-Za-z0-9_]{1,40}", pid):
+        pid = "x" + hashlib.sha256(pid.encode()).hexdigest()[:16]
+    return BATCH_QUEUE_PREFIX + pid
+
+
+def tier(queue_name: str) -> str:
+    """The tier a queue belongs to: ``batch`` for every project's batch queue, else its own name."""
+    return BATCH if queue_name.startswith(BATCH_QUEUE_PREFIX) else queue_name
 
 
 def config_text_digest(label_config: str) -> str:
@@ -108,7 +126,7 @@ def prediction_job(*, model_version: str | None, project: Any, task_id: Any, ima
     kind = "interactive" if interactive else "predict"
     job_id = _job_id(kind, [model_version, project_id(project), task_id, image, expressions, clicks, refine,
                             shaping_digest(config)])
-    return JobSpec(INTERACTIVE if interactive else BATCH, PREDICT_JOB, payload, job_id,
+    return JobSpec(INTERACTIVE if interactive else batch_queue(project), PREDICT_JOB, payload, job_id,
                    f"{'interactive' if interactive else 'predict'} task {task_id} ({origin})")
 
 

@@ -15,7 +15,12 @@ Safe to interrupt and re-run at any point:
   re-enqueued, by a re-run and while following the jobs;
 - the ledger lets one party deliver each task's prediction, whoever else asks at the same time.
 Throughput grows with the workers: any ``hybridgl worker`` on any host that reaches the same
-Redis takes jobs from the ``batch`` queue.
+Redis takes jobs from the project's batch queue, in turn with the other projects' queues.
+
+Each run is a batch (``backend.batches``) that `hybridgl batches` and GET /batches show and that
+``--cancel`` (or DELETE /batches/{id}) cancels. Interrupted at a terminal, the command asks whether
+to cancel the run's queued jobs; without one it leaves them to the workers. With
+HYBRIDGL_PROJECT_MAX_QUEUED set, it enqueues a task only while the project's queue holds fewer jobs.
 
 Light like the rest of ``backend``: no torch, nothing from ``worker``. Exit codes: 0 all done,
 1 some tasks failed, 2 could not run (configuration, Label Studio or Redis), 130 interrupted.
@@ -35,9 +40,10 @@ from typing import Any
 
 import redis
 from rq.job import Job
+from rq.queue import Queue
 from rq.results import Result
 
-from backend import delivery
+from backend import batches, delivery
 from backend import jobspec as js
 from backend import queue as q
 from backend.config import ServeSettings
@@ -53,6 +59,7 @@ MAX_REQUEUES = 3  # a job that keeps vanishing from Redis counts as failed after
 WORKER_CHECK_SECONDS = 15.0
 REDIS_PATIENCE_SECONDS = 120.0
 ALREADY = "already predicted with {version}"
+ALL_RUNS = "all"
 NOTHING = "nothing to segment (no prompt in the task, and label names are not used as prompts)"
 
 
@@ -80,6 +87,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "thresholds in force: tune thresholds before the full run")
     parser.add_argument("--out", metavar="DIR", help="folder for the --preview page")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--cancel", nargs="?", const=ALL_RUNS, metavar="BATCH",
+                        help="cancel instead of running: remove the queued jobs of the project's batches (prelabel "
+                             "runs and Retrieve Predictions), or of the one batch BATCH (see `hybridgl batches`); "
+                             "running jobs finish and write their predictions")
     parser.add_argument("--summary-json", metavar="FILE",
                         help="also write the summary as JSON to FILE (for scripts)")
     parser.epilog = ("Label Studio's address and token come from LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY, Redis "
@@ -146,6 +157,9 @@ class Tally:
     skipped: Counter = field(default_factory=Counter)  # reason -> count
     failed: dict[str, list[Any]] = field(default_factory=dict)  # reason -> task ids
     pending: int = 0  # jobs not finished when the run ended
+    canceled: int = 0  # queued jobs canceled (at the Ctrl-C question, or by --cancel / DELETE /batches)
+    batch: str | None = None  # this run's batch id
+    left_queued: bool = False  # interrupted, and its queued jobs left to the workers
     planned: int = 0  # tasks a dry run would predict
     unlisted: bool = False  # interrupted before every task was looked at
     limit_reached: bool = False
@@ -177,6 +191,7 @@ class Tally:
                 "skipped": sum(self.skipped.values()), "skipped_reasons": dict(self.skipped),
                 "failed": self.failed_count, "failed_reasons": {k: len(v) for k, v in self.failed.items()},
                 "failed_tasks": {k: v for k, v in self.failed.items()}, "pending": self.pending,
+                "canceled": self.canceled, "batch": self.batch, "left_queued": self.left_queued,
                 "planned": self.planned,
                 "interrupted": self.interrupted, "limit_reached": self.limit_reached,
                 "seconds": round(self.seconds, 3), "images_per_minute": round(self.per_minute, 3)}
@@ -204,7 +219,7 @@ class Planned:
 
 class Prelabel:
     def __init__(self, args: argparse.Namespace, settings: ServeSettings, client: LabelStudioClient,
-                 conn: redis.Redis, out=None, err=None):
+                 conn: redis.Redis, out=None, err=None, inp=None):
         self.args = args
         self.settings = settings
         self.client = client
@@ -213,6 +228,9 @@ class Prelabel:
         self.ledger = delivery.Ledger(conn, settings.result_ttl)
         self.out = out or sys.stdout
         self.err = err or sys.stderr
+        self.inp = inp or sys.stdin
+        self.bar = None  # the progress bar, while jobs are followed
+        self.queue_name = js.batch_queue(args.project)
         self.project_id = int(args.project)
         self.version: str | None = None
         self.tally = Tally(self.project_id, None, dry_run=bool(args.dry_run))
@@ -320,9 +338,16 @@ class Prelabel:
         """Enqueue the task's job (or join the live one of an earlier run, or of /predict) and hand the
         task off to it; a job that finished already has its answer written here."""
         joined = self._status(item.job_id) in q.LIVE
+        if not joined:
+            self.wait_for_room()
+        if self.tally.batch is None:  # the first task to predict: the run becomes a batch
+            self.tally.batch = batches.create(self.conn, self.project_id, batches.PRELABEL)
+            self.say(f"batch {self.tally.batch}: see `hybridgl batches`; cancel with `hybridgl prelabel --project "
+                     f"{self.project_id} --cancel {self.tally.batch}`")
         if self.tally.first_enqueue is None:
             self.tally.first_enqueue = time.monotonic()
         self.jobs.enqueue(item.spec)
+        batches.add_jobs(self.conn, self.tally.batch, [item.job_id])
         if joined:
             self.tally.joined += 1
         else:
@@ -337,6 +362,23 @@ class Prelabel:
                                                   answer["model_version"])
                 self.ledger.written(key, item.job_id)
         self.watch[item.job_id] = item
+        self.progress_bar().total = len(self.watch) + self.progress_bar().n
+
+    def wait_for_room(self) -> None:
+        """With HYBRIDGL_PROJECT_MAX_QUEUED, wait (following the jobs) until the project's queue has room."""
+        cap = self.settings.project_max_queued
+        if cap <= 0:
+            return
+        told = False
+        while self.conn.llen(Queue.redis_queue_namespace_prefix + self.queue_name) >= cap:
+            if not told:
+                self.progress_bar().write(f"project {self.project_id} has {cap} batch job(s) queued "
+                                          f"(HYBRIDGL_PROJECT_MAX_QUEUED): enqueuing more as the workers take them")
+                told = True
+            if self.watch:
+                self.poll()
+            else:  # the queued jobs are other runs' of this project
+                time.sleep(POLL_SECONDS)
 
     def _entry(self, item: Planned) -> str:
         return delivery.entry_key(self.project_id, item.task_id, str(self.version))
@@ -349,67 +391,81 @@ class Prelabel:
 
     # ---- following the jobs
 
-    def follow(self) -> None:
-        from tqdm import tqdm
+    def progress_bar(self):
+        if self.bar is None:
+            from tqdm import tqdm
 
-        tally = self.tally
-        bar = tqdm(total=len(self.watch), desc="pre-labelling", unit="img", file=self.err, dynamic_ncols=True,
-                   disable=bool(self.args.no_progress), smoothing=0.3, mininterval=0.5)
-        next_worker_check = time.monotonic() + WORKER_CHECK_SECONDS
-        warned_no_worker = False
-        redis_down_since: float | None = None
+            self.bar = tqdm(total=0, desc="pre-labelling", unit="img", file=self.err, dynamic_ncols=True,
+                            disable=bool(self.args.no_progress), smoothing=0.3, mininterval=0.5)
+            self._next_worker_check = time.monotonic() + WORKER_CHECK_SECONDS
+            self._warned_no_worker = False
+            self._redis_down_since: float | None = None
+        return self.bar
+
+    def follow(self) -> None:
         try:
             while self.watch:
-                window = list(self.watch)[:WINDOW]
-                try:
-                    outcomes = self.jobs.wait(window, time.monotonic() + POLL_SECONDS)
-                    redis_down_since = None
-                except (redis.ConnectionError, redis.TimeoutError) as exc:
-                    now = time.monotonic()
-                    if redis_down_since is None:
-                        redis_down_since = now
-                        bar.write(f"Redis is unreachable ({type(exc).__name__}); retrying...")
-                    if now - redis_down_since > REDIS_PATIENCE_SECONDS:
-                        raise PrelabelError(
-                            f"Redis has been unreachable for {REDIS_PATIENCE_SECONDS:.0f} s "
-                            f"({_where(self.settings.redis_url)}): run the same command again when it is back; "
-                            "it continues where this one stopped") from None
-                    time.sleep(1.0)
-                    continue
-                retrying: list[str] = []
-                resolved = 0
-                for job_id, outcome in outcomes.items():
-                    if outcome.status == "pending":
-                        continue
-                    item = self.watch[job_id]
-                    if outcome.status == "failed" and not Job.exists(job_id, connection=self.conn):
-                        if self._vanished(item, bar):
-                            continue  # re-enqueued: still watched
-                    elif outcome.status == "failed" and self._status(job_id) in q.RUNNING:
-                        retrying.append(job_id)  # a retry is queued or running: an earlier attempt's failure
-                        continue
-                    elif outcome.status == "finished":
-                        tally.predicted += 1
-                    else:
-                        tally.fail(item.task_id, outcome.error or "unknown error")
-                        bar.set_postfix(failed=tally.failed_count, refresh=False)
-                    del self.watch[job_id]
-                    resolved += 1
-                    bar.update(1)
-                if retrying and not resolved and len(retrying) == len(outcomes):
-                    # Only retries in the window: wait for their next result rather than spin.
-                    self.conn.xread({Result.get_key(j): "$" for j in retrying}, block=int(POLL_SECONDS * 1000))
-                if time.monotonic() >= next_worker_check:
-                    next_worker_check = time.monotonic() + WORKER_CHECK_SECONDS
-                    alive = bool(q.live_workers(self.conn))
-                    if not alive and not warned_no_worker:
-                        bar.write("warning: no worker is running: the jobs wait in the queue until `hybridgl worker` "
-                                  "starts (or interrupt, and run this again later)")
-                    warned_no_worker = not alive
+                self.poll()
         finally:
-            tally.pending = len(self.watch)
-            bar.close()
-        tally.finished = time.monotonic()
+            self.close_bar()
+        self.tally.finished = time.monotonic()
+
+    def close_bar(self) -> None:
+        self.tally.pending = len(self.watch)
+        if self.bar is not None:
+            self.bar.close()
+
+    def poll(self) -> None:
+        """Wait up to POLL_SECONDS for outcomes of the oldest jobs watched, and count them."""
+        tally, bar = self.tally, self.progress_bar()
+        window = list(self.watch)[:WINDOW]
+        try:
+            outcomes = self.jobs.wait(window, time.monotonic() + POLL_SECONDS)
+            self._redis_down_since = None
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            now = time.monotonic()
+            if self._redis_down_since is None:
+                self._redis_down_since = now
+                bar.write(f"Redis is unreachable ({type(exc).__name__}); retrying...")
+            if now - self._redis_down_since > REDIS_PATIENCE_SECONDS:
+                raise PrelabelError(
+                    f"Redis has been unreachable for {REDIS_PATIENCE_SECONDS:.0f} s "
+                    f"({_where(self.settings.redis_url)}): run the same command again when it is back; "
+                    "it continues where this one stopped") from None
+            time.sleep(1.0)
+            return
+        retrying: list[str] = []
+        resolved = 0
+        for job_id, outcome in outcomes.items():
+            if outcome.status == "pending":
+                continue
+            item = self.watch[job_id]
+            if outcome.status == "failed" and not Job.exists(job_id, connection=self.conn):
+                if self._vanished(item, bar):
+                    continue  # re-enqueued: still watched
+            elif outcome.status == "failed" and self._status(job_id) in q.RUNNING:
+                retrying.append(job_id)  # a retry is queued or running: an earlier attempt's failure
+                continue
+            elif outcome.status == "finished":
+                tally.predicted += 1
+            elif outcome.status == "canceled":
+                tally.canceled += 1
+            else:
+                tally.fail(item.task_id, outcome.error or "unknown error")
+                bar.set_postfix(failed=tally.failed_count, refresh=False)
+            del self.watch[job_id]
+            resolved += 1
+            bar.update(1)
+        if retrying and not resolved and len(retrying) == len(outcomes):
+            # Only retries in the window: wait for their next result rather than spin.
+            self.conn.xread({Result.get_key(j): "$" for j in retrying}, block=int(POLL_SECONDS * 1000))
+        if time.monotonic() >= self._next_worker_check:
+            self._next_worker_check = time.monotonic() + WORKER_CHECK_SECONDS
+            alive = bool(q.live_workers(self.conn))
+            if not alive and not self._warned_no_worker:
+                bar.write("warning: no worker is running: the jobs wait in the queue until `hybridgl worker` "
+                          "starts (or interrupt, and run this again later)")
+            self._warned_no_worker = not alive
 
     def _vanished(self, item: Planned, bar) -> bool:
         """The job is gone from Redis. True when it was enqueued again (still to watch)."""
@@ -450,21 +506,36 @@ class Prelabel:
             for item in self.plan(config, project["label_config"]):
                 self.submit(item)
             tally.unlisted = False
-            self.say(f"enqueued {tally.enqueued} task(s) on the {q.BATCH} queue"
+            self.say(f"enqueued {tally.enqueued} task(s) on the queue {self.queue_name}"
                      + (f", joined {tally.joined} job(s) already queued or running" if tally.joined else "")
                      + f"; skipped {sum(tally.skipped.values())}, invalid {tally.failed_count}"
                      + (" (limit reached)" if tally.limit_reached else ""))
-            if self.watch:
-                self.follow()
-            else:
-                tally.finished = time.monotonic()
+            self.follow()
         except KeyboardInterrupt:
             tally.interrupted = True
-            tally.pending = len(self.watch)
+            self.close_bar()
+            if self.watch:
+                tally.left_queued = not self.ask_cancel()
+                if not tally.left_queued:
+                    removed = batches.cancel(self.conn, tally.batch, self.settings.result_ttl)
+                    tally.canceled += removed
+                    tally.pending -= removed
             self.summary()
             return EXIT_INTERRUPTED
         self.summary()
         return EXIT_FAILED if tally.failed_count else EXIT_OK
+
+    def ask_cancel(self) -> bool:
+        """At a terminal, ask whether to cancel the run's queued jobs; without one, leave them running."""
+        if not (hasattr(self.inp, "isatty") and self.inp.isatty()):
+            return False
+        print(f"\ninterrupted: cancel this run's queued jobs (batch {self.tally.batch})? Running ones finish "
+              "either way. [y/N] ", end="", file=self.err, flush=True)
+        try:
+            answer = self.inp.readline()
+        except (KeyboardInterrupt, EOFError):
+            return False
+        return answer.strip().lower() in ("y", "yes")
 
     def dry_run(self, config: LabelingConfig, label_config: str) -> int:
         tally = self.tally
@@ -514,6 +585,9 @@ class Prelabel:
         self.say(f"  predicted: {tally.predicted}")
         self._skipped_lines("skipped")
         self._failed_lines("failed")
+        if tally.canceled:
+            self.say(f"  canceled: {tally.canceled} queued job(s) of batch {tally.batch}; run the same command again "
+                     "to predict those tasks")
         if tally.requeued:
             self.say(f"  re-enqueued: {tally.requeued} job(s) that had vanished from Redis")
         if tally.left_out:
@@ -524,6 +598,8 @@ class Prelabel:
         if tally.interrupted:
             self.say(f"  still queued or running: {tally.pending} job(s); the workers finish them and write their "
                      "predictions"
+                     + (f" (left to them: cancel with `hybridgl prelabel --project {self.project_id} --cancel "
+                        f"{tally.batch}`)" if tally.left_queued else "")
                      + ("; some tasks were not looked at yet" if tally.unlisted else ""))
             self.say("Re-run the same command to finish the rest: tasks already predicted are skipped and queued "
                      "jobs are joined, so no task gets a second prediction.")
@@ -546,12 +622,43 @@ def _where(redis_url: str) -> str:
     return f"Redis at {kwargs.get('host', '?')}:{kwargs.get('port', 6379)}/{kwargs.get('db', 0)}"
 
 
+def cancel(args: argparse.Namespace, settings: ServeSettings, conn: redis.Redis, out=None) -> int:
+    """`--cancel [BATCH]`: remove the queued jobs of the project's batches, or of one batch."""
+    out = out or sys.stdout
+    project = str(args.project)
+    if args.cancel == ALL_RUNS:
+        chosen = [b for b in batches.listing(conn, project) if b.state == "active"]
+    else:
+        try:
+            chosen = [batches.state(conn, args.cancel)]
+        except batches.BatchNotFound:
+            raise PrelabelError(f"no batch {args.cancel!r}: `hybridgl batches --project {project}` lists the "
+                                "project's batches") from None
+        if chosen[0].project != project:
+            raise PrelabelError(f"batch {args.cancel} belongs to project {chosen[0].project}, not {project}: "
+                                "nothing canceled")
+    if not chosen:
+        print(f"project {project} has no batch with work left: nothing to cancel", file=out)
+    for batch in chosen:
+        removed = batches.cancel(conn, batch.id, settings.result_ttl)
+        after = batches.state(conn, batch.id)
+        print(f"batch {batch.id} ({batch.kind}, project {project}): canceled {removed} queued job(s); "
+              f"{after.running + after.retrying} running finish and write their predictions", file=out)
+    return EXIT_OK
+
+
 def run(args: argparse.Namespace) -> int:
     """Run `hybridgl prelabel` with parsed arguments; returns the exit code."""
     try:
         if getattr(args, "preview", None) and not getattr(args, "out", None):
             raise PrelabelError("--preview needs --out DIR: the folder the preview page is written to")
         settings = ServeSettings.from_env()
+        if args.cancel:
+            conn = q.connect(settings.redis_url)
+            try:
+                return cancel(args, settings, conn)
+            except redis.RedisError as exc:
+                raise PrelabelError(f"{_where(settings.redis_url)} is unreachable ({type(exc).__name__})") from None
         policy = FetchPolicy.from_settings(settings)
         client = client_from(settings.label_studio_url or None, settings.label_studio_api_key or None, policy=policy)
         if client is None:

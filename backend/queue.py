@@ -26,7 +26,19 @@ from rq.registry import CanceledJobRegistry, FailedJobRegistry
 from rq.results import Result
 from rq.serializers import JSONSerializer
 
-from backend.jobspec import BATCH, INTERACTIVE, PREDICT_JOB, PREFIX, QUEUES, WARM_JOB, WARMUP, JobSpec  # noqa: F401 - re-exported
+from backend.jobspec import (  # noqa: F401 - re-exported
+    BATCH,
+    BATCH_QUEUE_PREFIX,
+    INTERACTIVE,
+    PREDICT_JOB,
+    PREFIX,
+    QUEUES,
+    WARM_JOB,
+    WARMUP,
+    JobSpec,
+    batch_queue,
+    tier,
+)
 
 RETRY_INTERVALS = [2, 10, 30, 60]  # seconds before each retry; later ones wait as long as the last
 HEARTBEATS_TO_DEATH = 3  # a worker silent for this many heartbeat intervals is taken as dead
@@ -95,7 +107,7 @@ def registry(kind: type, name: str, conn: redis.Redis):
 @dataclass
 class JobOutcome:
     job_id: str
-    status: str  # finished | failed | pending
+    status: str  # finished | failed | canceled | pending
     value: Any = None
     error: str | None = None
 
@@ -106,7 +118,12 @@ class JobQueue:
         self.job_timeout = job_timeout
         self.result_ttl = result_ttl
         self.retries = retries
-        self.queues = {name: make_queue(name, conn) for name in QUEUES}
+        self._queues: dict[str, Queue] = {}
+
+    def queue(self, name: str) -> Queue:
+        if name not in self._queues:
+            self._queues[name] = make_queue(name, self.conn)
+        return self._queues[name]
 
     @property
     def job_lifetime(self) -> float:
@@ -126,11 +143,11 @@ class JobQueue:
                 job = fetch_job(spec.job_id, self.conn)
                 if job.get_status(refresh=False) in LIVE:
                     return job
-                self._discard_ended(spec.job_id)
+                self._discard_ended(spec.job_id, job.origin or spec.queue)
             except NoSuchJobError:
                 pass
             try:
-                return self.queues[spec.queue].enqueue(
+                return self.queue(spec.queue).enqueue(
                     spec.func, spec.payload, job_id=spec.job_id, description=spec.description, unique=True,
                     job_timeout=self.job_timeout, result_ttl=self.result_ttl, failure_ttl=self.result_ttl,
                     retry=Retry(max=self.retries, interval=RETRY_INTERVALS[: self.retries]) if self.retries else None)
@@ -138,11 +155,11 @@ class JobQueue:
                 continue  # another caller enqueued it first: join that job
         raise RuntimeError(f"job {spec.job_id} kept changing while being enqueued")
 
-    def _discard_ended(self, job_id: str) -> None:
-        failed = [FailedJobRegistry(n, connection=self.conn).key for n in QUEUES]
-        canceled = [CanceledJobRegistry(n, connection=self.conn).key for n in QUEUES]
-        self.conn.eval(_DISCARD_ENDED, 2 + len(failed) + len(canceled), Job.key_for(job_id), Result.get_key(job_id),
-                       *failed, *canceled, job_id)
+    def _discard_ended(self, job_id: str, queue_name: str) -> None:
+        registries = [FailedJobRegistry(queue_name, connection=self.conn).key,
+                      CanceledJobRegistry(queue_name, connection=self.conn).key]
+        self.conn.eval(_DISCARD_ENDED, 2 + len(registries), Job.key_for(job_id), Result.get_key(job_id), *registries,
+                       job_id)
 
     def wait(self, job_ids: Iterable[str], deadline: float) -> dict[str, JobOutcome]:
         """Block until every job has an outcome or ``deadline`` (time.monotonic) passes.
@@ -184,10 +201,65 @@ class JobQueue:
             return JobOutcome(job_id, "pending")  # running (again): an older failed result is history
         if status == JobStatus.FAILED or (result is not None and result.type == Result.Type.FAILED):
             return JobOutcome(job_id, "failed", error=job_error(job, result))
+        if status == JobStatus.CANCELED:
+            return JobOutcome(job_id, "canceled", error="canceled before it ran (DELETE /batches or prelabel --cancel)")
         return JobOutcome(job_id, "pending")
 
     def depths(self) -> dict[str, int]:
-        return {name: q.count for name, q in self.queues.items()}
+        """Jobs waiting per tier (interactive, batch: every project's, warmup)."""
+        return tier_depths(self.conn)
+
+
+# --- the batch queues: one per project -------------------------------------------------------
+# RQ records every queue it enqueues on in its ``rq:queues`` set (Queue.all() reads it): the batch queues
+# are its members named ``batch-<project>``. Workers re-read the set before each dequeue (worker.runner),
+# so a project's queue that appears after they started is served from its first job on. Members are
+# never removed (RQ keeps them): the set grows with the number of projects, not of jobs.
+_QUEUE_KEY_PREFIX = Queue.redis_queue_namespace_prefix
+_BATCH_KEY_PREFIX = _QUEUE_KEY_PREFIX + BATCH_QUEUE_PREFIX
+# KEYS[1]: rq:queues. ARGV[1]: key prefix of the batch queues. -> {name, length, name, length, ...}
+_BATCH_DEPTHS = """
+local out = {}
+for _, key in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  if string.sub(key, 1, #ARGV[1]) == ARGV[1] then
+    table.insert(out, string.sub(key, #ARGV[2] + 1))
+    table.insert(out, redis.call('LLEN', key))
+  end
+end
+return out
+"""
+
+
+def batch_queue_names(conn: redis.Redis) -> list[str]:
+    """Every project's batch queue, sorted by name."""
+    keys = conn.smembers(Queue.redis_queues_keys)
+    return sorted(k.decode()[len(_QUEUE_KEY_PREFIX):] for k in keys if k.decode().startswith(_BATCH_KEY_PREFIX))
+
+
+def project_of(queue_name: str) -> str:
+    return queue_name[len(BATCH_QUEUE_PREFIX):]
+
+
+def _batch_depths_call(pipe_or_conn) -> Any:
+    return pipe_or_conn.eval(_BATCH_DEPTHS, 1, Queue.redis_queues_keys, _BATCH_KEY_PREFIX, _QUEUE_KEY_PREFIX)
+
+
+def _pairs(reply: list) -> dict[str, int]:
+    return {reply[i].decode(): int(reply[i + 1]) for i in range(0, len(reply), 2)}
+
+
+def project_depths(conn: redis.Redis) -> dict[str, int]:
+    """Batch jobs waiting per project (one round trip whatever the number of projects)."""
+    return {project_of(name): n for name, n in sorted(_pairs(_batch_depths_call(conn)).items())}
+
+
+def tier_depths(conn: redis.Redis) -> dict[str, int]:
+    with conn.pipeline(transaction=False) as pipe:
+        pipe.llen(_QUEUE_KEY_PREFIX + INTERACTIVE)
+        _batch_depths_call(pipe)
+        pipe.llen(_QUEUE_KEY_PREFIX + WARMUP)
+        interactive, batch, warmup = pipe.execute()
+    return {INTERACTIVE: interactive, BATCH: sum(_pairs(batch).values()), WARMUP: warmup}
 
 
 def job_error(job: Job, result: Result | None = None) -> str:
@@ -429,15 +501,16 @@ def snapshot(conn: redis.Redis) -> Snapshot:
     with conn.pipeline(transaction=False) as pipe:
         pipe.time()
         pipe.zrange(WORKERS_KEY, 0, -1, withscores=True)
-        for name in QUEUES:
-            pipe.llen(Queue.redis_queue_namespace_prefix + name)
+        pipe.llen(_QUEUE_KEY_PREFIX + INTERACTIVE)
+        _batch_depths_call(pipe)
+        pipe.llen(_QUEUE_KEY_PREFIX + WARMUP)
         pipe.get(MODEL_VERSION_KEY)
         pipe.smembers(WITHHELD_KEY)
         pipe.hgetall(PROBLEMS_KEY)
-        now, entries, *rest = pipe.execute()
+        now, entries, interactive, batch, warmup, version, withheld, problem_fields = pipe.execute()
     names = _alive(now, entries)
-    lengths, (version, withheld, problem_fields) = rest[:len(QUEUES)], rest[len(QUEUES):]
-    return Snapshot(workers=_worker_infos(conn, names), depths=dict(zip(QUEUES, lengths)),
+    depths = {INTERACTIVE: interactive, BATCH: sum(_pairs(batch).values()), WARMUP: warmup}
+    return Snapshot(workers=_worker_infos(conn, names), depths=depths,
                     model_version=version.decode() if version else None,
                     tokenless=sorted(m.decode() for m in withheld), problems=_active_problems(now, problem_fields))
 

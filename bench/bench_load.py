@@ -252,7 +252,8 @@ def batch_progress(conn: redis.Redis, start: float, end: float, batch_workers: i
     for j in records:
         if j.started_at:
             busy += max(0.0, min(epoch(j.ended_at) if j.ended_at else end, end) - max(epoch(j.started_at), start))
-    running = Queue(q.BATCH, connection=conn).count + StartedJobRegistry(q.BATCH, connection=conn).count > 0
+    running = any(Queue(n, connection=conn).count + StartedJobRegistry(n, connection=conn).count
+                  for n in q.batch_queue_names(conn))
     return {"predicted": predicted, "per_minute": predicted / max(end - start, 1e-9) * 60, "running": running,
             "share": busy / (max(end - start, 1e-9) * batch_workers)}
 
@@ -326,7 +327,8 @@ def run_layout(layout: str, ls, url: str, env: dict, who: Annotators, texts: Ite
         prelabel = Service(f"prelabel-{layout}", [sys.executable, "-m", "backend.prelabel", "--project", str(project),
                                                   "--no-progress", "--summary-json", str(summary)], env, work)
         wait_for(lambda: "enqueued" in prelabel.log_tail()
-                 and StartedJobRegistry(q.BATCH, connection=conn).count >= min(batch_workers, args.tasks),
+                 and StartedJobRegistry(q.batch_queue(project), connection=conn).count
+                 >= min(batch_workers, args.tasks),
                  600, "the batch's jobs to be enqueued and running", prelabel)
         print(f"[{layout}] batch of {args.tasks} tasks enqueued, {batch_workers} worker(s) on it: load starts",
               flush=True)
@@ -351,7 +353,8 @@ def run_layout(layout: str, ls, url: str, env: dict, who: Annotators, texts: Ite
     finally:
         if prelabel is not None:
             prelabel.stop(signal.SIGINT, timeout=60)  # it exits 130, its queued jobs stay...
-        conn.delete(f"rq:queue:{q.BATCH}")  # ...and are dropped here, so that the workers stop soon
+        for name in q.batch_queue_names(conn):  # ...and are dropped here, so that the workers stop soon
+            conn.delete(f"rq:queue:{name}")
         stop_all(workers)
 
 

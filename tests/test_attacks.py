@@ -143,7 +143,7 @@ def _job_keys(conn: redis.Redis) -> set[bytes]:
 
 def _nothing_enqueued(conn: redis.Redis, jobs_before: set[bytes]) -> None:
     assert _job_keys(conn) == jobs_before, "a job was created"
-    assert all(conn.llen(f"rq:queue:{name}") == 0 for name in q.QUEUES)
+    assert all(conn.llen(f"rq:queue:{name}") == 0 for name in (*q.QUEUES, *q.batch_queue_names(conn)))
 
 
 # --- /setup cannot redirect tokens --------------------------------------------------------------------

@@ -119,10 +119,11 @@ def test_a_bad_task_does_not_fail_the_others(stack, image_server, redis_url):
     from rq import Queue
     from rq.registry import FailedJobRegistry
 
+    from backend.jobspec import batch_queue
     from backend.queue import fetch_jobs, job_error, make_queue
 
     conn = redis.Redis.from_url(redis_url)
-    registry = FailedJobRegistry(queue=make_queue("batch", conn))
+    registry = FailedJobRegistry(queue=make_queue(batch_queue("7"), conn))
     reasons = {}
     for job in fetch_jobs(registry.get_job_ids(), conn):
         reasons[job.args[0]["task_id"]] = job_error(job, job.latest_result())

@@ -33,6 +33,8 @@ import pytest
 import redis
 from PIL import Image, ImageDraw
 
+from backend.jobspec import batch_queue
+
 from .services import free_port, service_env, start_backend, start_worker
 
 AUTH = ("ann", "correct horse")
@@ -436,7 +438,7 @@ def test_a_bad_task_in_a_batch_does_not_fail_the_others(stack):
     assert results[0]["result"] and results[7]["result"]
     assert len([r for r in results[7]["result"] if r["type"] == "brushlabels"]) == 2
     assert results[1:7] == [[]] * 6
-    jobs = _task_jobs(stack["conn"], "batch")
+    jobs = _task_jobs(stack["conn"], batch_queue(PROJECT))
     for task_id, reason in ((502, "not an image"), (505, "refusing"), (507, "404")):
         [job] = jobs[task_id]
         assert job.get_status(refresh=True) == "failed"
@@ -453,7 +455,7 @@ def test_no_job_is_left_queued_or_running(stack):
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         busy = {n: Queue(n, connection=conn).count + StartedJobRegistry(n, connection=conn).count
-                for n in ("interactive", "batch")}
+                for n in ("interactive", batch_queue(PROJECT))}
         if not any(busy.values()):
             break
         time.sleep(0.2)

@@ -200,19 +200,19 @@ def test_racing_enqueues_push_one_job(conn):
     for t in threads:
         t.join()
     assert ids == [spec.job_id] * 24
-    assert Queue(js.BATCH, connection=conn).get_job_ids() == [spec.job_id]
-    assert jobs.enqueue(spec).id == spec.job_id and Queue(js.BATCH, connection=conn).count == 1
+    assert Queue(spec.queue, connection=conn).get_job_ids() == [spec.job_id]
+    assert jobs.enqueue(spec).id == spec.job_id and Queue(spec.queue, connection=conn).count == 1
 
 
 def test_an_ended_job_is_replaced_by_the_next_enqueue(conn):
     jobs = q.JobQueue(conn, retries=0)
     spec = _spec()
     job = jobs.enqueue(spec)
-    Queue(js.BATCH, connection=conn).remove(job)
+    Queue(spec.queue, connection=conn).remove(job)
     job.set_status(JobStatus.FAILED)
     again = jobs.enqueue(spec)
     assert again.get_status() == JobStatus.QUEUED
-    assert Queue(js.BATCH, connection=conn).get_job_ids() == [spec.job_id]
+    assert Queue(spec.queue, connection=conn).get_job_ids() == [spec.job_id]
     assert q.fetch_job(spec.job_id, conn).args[0] == spec.payload
 
 
@@ -234,7 +234,7 @@ def test_a_selection_over_1000_tasks_is_served_and_handed_off(tiny_settings, red
         backend.stop()
     assert response.status_code == 200, response.text
     assert response.json()["results"] == [[]] * 1200
-    assert Queue(js.BATCH, connection=conn).count == 1200
+    assert Queue(js.batch_queue("7"), connection=conn).count == 1200
     from backend.app import PROVISIONAL_VERSION  # no worker has published a model version
 
     states = {delivery.Ledger(conn, 600).state(delivery.entry_key("7", i, PROVISIONAL_VERSION)).get("state")

@@ -57,16 +57,18 @@ def _project(ls, name: str, config: str, tasks: list[dict], backend_url: str, in
     return project, ml, ids
 
 
-def _drain(redis_url: str, queues=("interactive", "batch", "warmup"), timeout: float = 300) -> None:
-    """Wait until no job is queued or running."""
+def _drain(redis_url: str, timeout: float = 300) -> None:
+    """Wait until no job is queued or running (every project's batch queue included)."""
     from rq import Queue
     from rq.registry import StartedJobRegistry
+
+    from backend import queue as jq
 
     conn = redis.Redis.from_url(redis_url)
 
     def idle() -> bool:
         return all(Queue(q, connection=conn).count == 0 and StartedJobRegistry(q, connection=conn).count == 0
-                   for q in queues)
+                   for q in ("interactive", "warmup", *jq.batch_queue_names(conn)))
 
     wait_for(idle, timeout, "the queues to drain")
 

@@ -45,7 +45,8 @@ def test_health_reads_a_fixed_number_of_commands_whatever_the_keyspace(tmp_path)
                 assert body["model_version"] == "v1" and body["status"] == "DEGRADED"
                 assert any(p.startswith("workers cannot reach Label Studio (since ") for p in body["problems"])
                 assert any("3.1700000000" in p for p in body["problems"])  # the withheld /setup token
-        assert counts[0] == counts[1] <= 10, counts
+        # 11: the batch depth is one script over the projects' queues, and Redis counts the SMEMBERS inside it
+        assert counts[0] == counts[1] <= 11, counts
     finally:
         server.kill()
 
@@ -65,5 +66,24 @@ def test_expired_registrations_and_problems_drop_out(tmp_path):
         q.clear_problem(conn, "new")
         q.unregister_worker(conn, "alive")
         assert q.problems(conn) == [] and q.live_workers(conn) == []
+    finally:
+        server.kill()
+
+
+def test_health_counts_every_projects_batch_queue_in_one_round_trip(tmp_path):
+    """The batch depth /health reports is the sum of the projects' queues, read by one script (one round
+    trip; inside it, one LLEN per project: the cost grows with projects, never with jobs)."""
+    server = RedisServer(tmp_path)
+    try:
+        conn = redis.Redis.from_url(server.url)
+        with conn.pipeline(transaction=False) as pipe:
+            for project in range(30):
+                pipe.rpush(f"rq:queue:batch-{project}", *range(project + 1))
+                pipe.sadd("rq:queues", f"rq:queue:batch-{project}")
+            pipe.rpush("rq:queue:interactive", "x")
+            pipe.execute()
+        with TestClient(create_app(ServeSettings(redis_url=server.url))) as web:
+            assert web.get("/health").json()["queues"] == {"interactive": 1, "batch": sum(range(1, 31)), "warmup": 0}
+        assert q.project_depths(conn) == {str(p): p + 1 for p in range(30)}
     finally:
         server.kill()

@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -20,8 +21,11 @@ import pytest
 import redis
 from PIL import Image
 
+from backend.jobspec import batch_queue
+from backend.queue import batch_queue_names
+
 from .services import DATA, REPO, wait_for
-from .test_e2e_labelstudio import ls, stack  # noqa: F401 - module fixtures: Label Studio, worker + backend
+from .test_e2e_labelstudio import _drain, ls, stack  # noqa: F401 - module fixtures: Label Studio, worker + backend
 
 CONFIG = (REPO / "label_config" / "batch_prompts.xml").read_text()
 RUN_TIMEOUT = 600
@@ -137,7 +141,7 @@ def _lose_jobs(redis_url: str) -> None:
     keys = [k for pattern in ("rq:job:predict-*", "rq:results:predict-*", "hybridgl:delivery:*", "hybridgl:answer:*",
                               "hybridgl:label-config:*")
             for k in conn.scan_iter(pattern)]
-    conn.delete("rq:queue:batch", *keys)
+    conn.delete(*(f"rq:queue:{name}" for name in batch_queue_names(conn)), *keys)
 
 
 def _one_prediction_each(ls, redis_url: str, task_ids: list[int]) -> None:
@@ -153,7 +157,8 @@ def test_dry_run_then_run_then_rerun_skips_everything(ls, stack, redis_url, tmp_
     project, ids = _project(ls, "full", tasks)
     good, bad = ids[:-1], ids[-1]
     conn = redis.Redis.from_url(redis_url)
-    queued_before = conn.llen("rq:queue:batch")
+    queue_key = f"rq:queue:{batch_queue(project)}"
+    queued_before = conn.llen(queue_key)
     jobs_before = len(list(conn.scan_iter("rq:job:predict-*")))
 
     code, out, data = _prelabel(stack, tmp_path, project, "--dry-run")
@@ -163,7 +168,7 @@ def test_dry_run_then_run_then_rerun_skips_everything(ls, stack, redis_url, tmp_
     assert "data field 'prompt' must be" in out and f"task {bad})" in out
     assert data["considered"] == 6 and data["planned"] == 5 and data["failed"] == 1 and data["skipped"] == 0
     assert _predicted(ls, project) == {t: 0 for t in ids}
-    assert conn.llen("rq:queue:batch") == queued_before
+    assert conn.llen(queue_key) == queued_before
     assert len(list(conn.scan_iter("rq:job:predict-*"))) == jobs_before
 
     code, out, data = _prelabel(stack, tmp_path, project)
@@ -209,6 +214,7 @@ def test_interrupt_in_the_middle_then_rerun(ls, stack, redis_url, tmp_path):
     data = json.loads(run.summary.read_text())
     assert data["interrupted"] and data["pending"] >= 1 and data["predicted"] < len(ids)
     assert f"still queued or running: {data['pending']} job(s)" in out
+    assert "left to them: cancel with `hybridgl prelabel" in out  # no terminal: nothing was asked
 
     code, out, data = _prelabel(stack, tmp_path, project)
     assert code == 0, out
@@ -326,3 +332,135 @@ def test_task_id_lists(text, ids):
     from backend.prelabel import _task_ids
 
     assert _task_ids(text) == ids
+
+
+def test_retrieve_overtakes_another_projects_run_which_is_then_canceled(ls, stack, redis_url, tmp_path):
+    """Issue 15 through Label Studio: a 200-task prelabel run of one project is queued; another project's
+    Retrieve Predictions on 5 tasks (pressed twice at once) is done after a few of the run's jobs (counted
+    from the jobs' RQ records); then the run is canceled by `--cancel` and DELETE /batches at once: no job
+    of it stays queued, and every task of it that was predicted has exactly one prediction. One image for
+    every task: after the first job builds its index, jobs are short."""
+    import threading
+
+    import httpx
+    from rq.job import Job
+
+    from backend import batches
+
+    conn = redis.Redis.from_url(redis_url)
+    big, big_ids = _project(ls, "big run", _tasks(ls, ["dog.jpg"] * 200))
+    small, small_ids = _project(ls, "small retrieve", _tasks(ls, ["dog.jpg"] * 5))
+    ls.connect_ml_backend(small, stack["url"], is_interactive=False)
+    run = Background(stack, tmp_path, big)
+    try:
+        wait_for(lambda: "enqueued 200 task(s)" in run.output() and _predicted(ls, big)
+                 and any(_predicted(ls, big).values()), 300, "the run to be queued and running")
+        [run_batch] = batches.listing(conn, big)
+        arrived = time.time()
+        callers = [threading.Thread(target=ls.retrieve_predictions, args=(small, small_ids)) for _ in range(2)]
+        for c in callers:
+            c.start()
+        for c in callers:
+            c.join()
+        wait_for(lambda: all(_predicted(ls, small).values()), 300, "the small project's predictions")
+        _one_prediction_each(ls, redis_url, small_ids)
+        small_jobs = {m.decode() for b in batches.listing(conn, small) for m in conn.smembers(batches.jobs_key(b.id))}
+        last_small_end = max(Job.fetch(j, connection=conn).ended_at for j in small_jobs)
+        run_jobs = [m.decode() for m in conn.smembers(batches.jobs_key(run_batch.id))]
+        delayed = sum(1 for job in Job.fetch_many(run_jobs, connection=conn)
+                      if job and job.started_at and job.started_at < last_small_end
+                      and (job.ended_at is None or job.ended_at.timestamp() > arrived))
+        print(f"run jobs started while the 5-task Retrieve was served: {delayed}")
+        assert delayed <= 5, delayed  # first in, first out: every job the run had still queued
+
+        outcome: dict = {}
+        cancels = [threading.Thread(target=lambda: outcome.update(
+                       command=subprocess.run(_command(big, "--cancel"), env=stack["env"], cwd=REPO,
+                                              capture_output=True, text=True, timeout=120))),
+                   threading.Thread(target=lambda: outcome.update(
+                       http=httpx.delete(f"{stack['url']}/batches/{run_batch.id}", timeout=60)))]
+        for c in cancels:
+            c.start()
+        for c in cancels:
+            c.join()
+        assert outcome["command"].returncode == 0, outcome["command"].stdout + outcome["command"].stderr
+        assert outcome["http"].status_code == 200, outcome["http"].text
+        assert run.wait() == 0, run.output()  # the run ends with its last running job
+    finally:
+        run.kill()
+    data = json.loads(run.summary.read_text())
+    _drain(redis_url)
+    assert conn.llen(f"rq:queue:{batch_queue(big)}") == 0
+    state = batches.state(conn, run_batch.id)
+    assert state.queued == 0 and state.canceled > 0 and state.failed == 0, state
+    predicted = _predicted(ls, big)
+    assert set(predicted.values()) <= {0, 1}
+    assert sum(predicted.values()) == state.done and state.done + state.canceled == 200, (state, predicted)
+    assert data["canceled"] == state.canceled and data["predicted"] == state.done
+    assert f"canceled: {state.canceled} queued job(s) of batch {run_batch.id}" in run.output()
+
+
+def test_ctrl_c_at_a_terminal_asks_and_cancels_the_queued_jobs(ls, stack, redis_url, tmp_path):
+    """A real pseudo-terminal: Ctrl-C asks whether to cancel; 'y' removes the run's queued jobs (the worker is
+    frozen, so all of them are queued) and the summary says so. Without a terminal the jobs are left
+    (test_interrupt_in_the_middle_then_rerun)."""
+    import pty
+
+    project, ids = _project(ls, "ctrl-c", _tasks(ls, [_image(ls, "dog.jpg", f"ctrl-c-{k}") for k in range(3)]))
+    conn = redis.Redis.from_url(redis_url)
+    with _worker_paused(stack):
+        leader, follower = pty.openpty()
+        process = subprocess.Popen(_command(project), env=stack["env"], cwd=REPO, stdin=follower, stdout=follower,
+                                   stderr=follower, start_new_session=True)
+        os.close(follower)
+        seen = b""
+        try:
+            while b"enqueued 3 task(s)" not in seen:
+                chunk = os.read(leader, 4096)
+                assert chunk, seen
+                seen += chunk
+            process.send_signal(signal.SIGINT)
+            while b"[y/N]" not in seen:
+                seen += os.read(leader, 4096)
+            os.write(leader, b"y\n")
+            assert process.wait(60) == 130
+            while True:
+                try:
+                    chunk = os.read(leader, 4096)
+                except OSError:  # the terminal closed with the process
+                    break
+                if not chunk:
+                    break
+                seen += chunk
+        finally:
+            if process.poll() is None:
+                process.kill()
+            os.close(leader)
+        out = seen.decode(errors="replace")
+        assert "canceled: 3 queued job(s) of batch" in out, out
+        assert conn.llen(f"rq:queue:{batch_queue(project)}") == 0
+    assert _predicted(ls, project) == {t: 0 for t in ids}
+
+
+def test_a_project_cap_holds_the_run_until_the_workers_take_its_jobs(ls, stack, redis_url, tmp_path):
+    """HYBRIDGL_PROJECT_MAX_QUEUED=2 with the worker frozen: the run enqueues 2 jobs and waits (saying why);
+    once the worker goes on, it enqueues the rest as jobs are taken and ends with one prediction each."""
+    project, ids = _project(ls, "capped", _tasks(ls, ["dog.jpg"] * 5))
+    conn = redis.Redis.from_url(redis_url)
+    queue_key = f"rq:queue:{batch_queue(project)}"
+    env = dict(stack["env"], HYBRIDGL_PROJECT_MAX_QUEUED="2")
+    summary = tmp_path / "capped.json"
+    log = tmp_path / "capped.log"
+    with _worker_paused(stack), open(log, "wb") as out:
+        process = subprocess.Popen(_command(project, summary=summary), env=env, cwd=REPO, stdout=out,
+                                   stderr=subprocess.STDOUT)
+        try:
+            wait_for(lambda: "HYBRIDGL_PROJECT_MAX_QUEUED" in log.read_text(), 120, "the run to wait for room")
+            assert conn.llen(queue_key) == 2
+        except BaseException:
+            process.kill()
+            raise
+    assert process.wait(RUN_TIMEOUT) == 0, log.read_text()
+    data = json.loads(summary.read_text())
+    assert data["predicted"] == 5 and data["enqueued"] == 5
+    _one_prediction_each(ls, redis_url, ids)

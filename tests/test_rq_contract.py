@@ -24,6 +24,7 @@ from backend import queue as q
 from worker.runner import reap_dead_workers_jobs
 
 WORKER = "contract-worker"
+BATCH_QUEUE = js.batch_queue("7")  # a project's batch queue, as the reaper finds it
 
 
 def hold(started: str, release: str) -> str:
@@ -40,7 +41,7 @@ _URL: list[str] = []
 def _work(url: str) -> None:
     _URL.append(url)
     conn = redis.Redis.from_url(url)
-    SimpleWorker([Queue(js.BATCH, connection=conn)], connection=conn, name=WORKER).work(burst=True)
+    SimpleWorker([Queue(BATCH_QUEUE, connection=conn)], connection=conn, name=WORKER).work(burst=True)
 
 
 @pytest.fixture
@@ -49,12 +50,12 @@ def conn(clean_redis):
 
 
 def test_the_reaper_reads_the_running_workers_name(conn, redis_url):
-    job = Queue(js.BATCH, connection=conn).enqueue(hold, "contract:started", "contract:release", job_timeout=120)
+    job = Queue(BATCH_QUEUE, connection=conn).enqueue(hold, "contract:started", "contract:release", job_timeout=120)
     worker = multiprocessing.get_context("spawn").Process(target=_work, args=(redis_url,))
     worker.start()
     try:
         assert conn.blpop(["contract:started"], timeout=120), "the worker never started the job"
-        entries = conn.zrange(StartedJobRegistry(js.BATCH, connection=conn).key, 0, -1)
+        entries = conn.zrange(StartedJobRegistry(BATCH_QUEUE, connection=conn).key, 0, -1)
         job_id, execution_id = parse_composite_key(entries[0].decode())
         assert job_id == job.id
         assert conn.hget(Execution(execution_id, job_id, conn).key, "worker_name") == WORKER.encode()
@@ -70,25 +71,26 @@ def test_the_reaper_reads_the_running_workers_name(conn, redis_url):
 
 
 def test_scheduler_locks_have_one_owner_who_alone_releases_them(conn):
-    first = RQScheduler([js.BATCH], connection=conn, name="first")
-    second = RQScheduler([js.BATCH], connection=conn, name="second")
-    key = RQScheduler.get_locking_key(js.BATCH)
+    first = RQScheduler([BATCH_QUEUE], connection=conn, name="first")
+    second = RQScheduler([BATCH_QUEUE], connection=conn, name="second")
+    key = RQScheduler.get_locking_key(BATCH_QUEUE)
     first.acquire_locks()
     second.acquire_locks()
-    assert first.acquired_locks == {js.BATCH} and second.acquired_locks == set()
+    assert first.acquired_locks == {BATCH_QUEUE} and second.acquired_locks == set()
     conn.expire(key, 5)
     first.acquire_locks()  # every tick: the holder refreshes its lock
     assert conn.ttl(key) > 5
     conn.delete(key)  # the lock expired (the holder stalled) and the second worker took it over
     second.acquire_locks()
     first.acquire_locks()  # the next tick re-checks ownership: the first no longer moves due retries
-    assert first.acquired_locks == set() and second.acquired_locks == {js.BATCH}
+    assert first.acquired_locks == set() and second.acquired_locks == {BATCH_QUEUE}
     first.release_locks()
     assert conn.get(key) == b"second"  # shutting down releases only one's own locks
 
 
 def test_the_reaper_frees_only_a_dead_workers_scheduler_lock(conn):
-    key = RQScheduler.get_locking_key(js.BATCH)
+    key = RQScheduler.get_locking_key(BATCH_QUEUE)
+    conn.sadd(Queue.redis_queues_keys, Queue(BATCH_QUEUE, connection=conn).key)  # as RQ's first enqueue records it
     q.register_worker(conn, "alive", {"name": "alive", "model_version": "v1"}, heartbeat=60)
     conn.set(key, "alive")
     reap_dead_workers_jobs(conn)
@@ -97,6 +99,17 @@ def test_the_reaper_frees_only_a_dead_workers_scheduler_lock(conn):
     conn.set(key, "dead")
     reap_dead_workers_jobs(conn)
     assert conn.get(key) is None
+
+
+def test_a_scheduler_takes_queues_named_after_it_started(conn):
+    """worker.runner sets RQScheduler._queue_names each tick to cover project queues that appeared since."""
+    scheduler = RQScheduler([js.INTERACTIVE], connection=conn, name="grows")
+    scheduler.acquire_locks()
+    assert scheduler.acquired_locks == {js.INTERACTIVE}
+    scheduler._queue_names = {js.INTERACTIVE, BATCH_QUEUE}
+    scheduler.acquire_locks()
+    assert scheduler.acquired_locks == {js.INTERACTIVE, BATCH_QUEUE}
+    scheduler.release_locks()
 
 
 @pytest.fixture

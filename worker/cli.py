@@ -107,6 +107,20 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return run_worker(ServeSettings.from_env(), settings_from_args(args), name=args.name, burst=args.burst)
 
 
+def cmd_batches(args: argparse.Namespace) -> int:
+    from backend import batches
+    from backend import queue as q
+    from backend.config import ServeSettings
+
+    conn = q.connect(ServeSettings.from_env().redis_url)
+    states = batches.listing(conn, args.project)
+    if args.json:
+        print(json.dumps([b.as_dict() for b in states], indent=1))
+    else:
+        print(batches.table(states))
+    return 0
+
+
 def cmd_weights(args: argparse.Namespace) -> int:
     from worker import weights_command
 
@@ -156,6 +170,14 @@ def build_parser() -> argparse.ArgumentParser:
                                      "model version; workers write the predictions. Safe to interrupt and re-run.")
     prelabel.add_arguments(pre)
     pre.set_defaults(func=prelabel.run)
+
+    bat = sub.add_parser("batches", help="the batches (prelabel runs, Retrieve Predictions) and their progress",
+                         description="Every prelabel run and Retrieve Predictions as a batch: counts, failures with "
+                                     "reasons, rate and ETA (the same as GET /batches). Cancel one with `hybridgl "
+                                     "prelabel --project ID --cancel BATCH`.")
+    bat.add_argument("--project", help="only this project's batches")
+    bat.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    bat.set_defaults(func=cmd_batches)
 
     from worker import evaluate
 

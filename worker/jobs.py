@@ -236,7 +236,7 @@ def predict(payload: dict) -> dict:
     finally:
         _close(client)
         job = get_current_job()
-        queue_name = job.origin if job is not None else "direct"
+        queue_name = js.tier(job.origin) if job is not None else "direct"
         _count(rt, task_id, f"job_seconds_sum:{queue_name}", time.perf_counter() - started)
         _count(rt, task_id, f"job_count:{queue_name}")
     return {"task_id": task_id, "prediction": pred, "index": source, "thresholds": regions.thresholds}

@@ -8,6 +8,13 @@ reaps the jobs of dead workers: a worker killed mid-job (SIGKILL, the OOM killer
 its job "started" in RQ, which would notice only after the job's timeout plus a minute. Any live worker sees the dead one's
 registration expire within ``HEARTBEATS_TO_DEATH`` heartbeats and hands its jobs to RQ's own
 abandoned-job handling at once: retried while retries are left, else failed with the reason.
+
+Fair share (:class:`FairWorker`): batch work has one queue per project (``batch-<project>``). A worker
+serves its tiers in order (interactive, then batch, then warmup) and, within the batch tier, takes the
+projects' queues in turn: RQ's round-robin dequeue strategy, applied to the batch queues only (RQ's own
+would rotate the interactive queue behind batch work). It finds the batch queues in RQ's ``rq:queues``
+set before each dequeue and at least every ``DISCOVERY_SECONDS`` while idle, so a project that starts
+its first batch after the worker started is served from its first job on.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from backend.config import ServeSettings
 log = logging.getLogger(__name__)
 REAPER_LOCK_SECONDS = 5
 SCHEDULER_TICK_SECONDS = 1.0  # how often due retries are enqueued
+DISCOVERY_SECONDS = 2  # an idle worker looks for new projects' batch queues this often
 DEAD_WORKER_REPORT_SECONDS = 15 * 60  # how long /health mentions a worker that died mid-job
 
 
@@ -72,6 +80,8 @@ def run_worker(serve: ServeSettings, method_settings, name: str | None = None, b
         next_beat = time.monotonic() + serve.worker_heartbeat
         while not stop.wait(SCHEDULER_TICK_SECONDS):
             try:
+                # Retries wait in their own queue's scheduled registry: the scheduler covers every batch queue.
+                scheduler._queue_names = set(all_queue_names(conn))  # noqa: SLF001 - see tests/test_rq_contract.py
                 scheduler.acquire_locks()  # acquire, or refresh the ones held
                 scheduler.enqueue_scheduled_jobs()
                 if time.monotonic() >= next_beat:
@@ -85,8 +95,7 @@ def run_worker(serve: ServeSettings, method_settings, name: str | None = None, b
     reap_dead_workers_jobs(conn)  # jobs left by a worker that died while none was alive to notice
     threading.Thread(target=housekeeping, name="housekeeping", daemon=True).start()
     log.info("worker %s ready: model_version %s, queues %s", name, pipeline.model_version, ",".join(serve.queues))
-    worker = SimpleWorker([q.make_queue(n, conn) for n in serve.queues], connection=conn, name=name,
-                          serializer=q.SERIALIZER, job_class=q.TrustedJob)
+    worker = FairWorker(serve.queues, connection=conn, name=name)
     try:
         worker.work(with_scheduler=False, burst=burst, logging_level="INFO")
     finally:
@@ -94,6 +103,58 @@ def run_worker(serve: ServeSettings, method_settings, name: str | None = None, b
         scheduler.release_locks()
         q.unregister_worker(conn, name)
     return 0
+
+
+class FairWorker(SimpleWorker):
+    """A SimpleWorker whose batch tier is every project's batch queue, taken in turn (see the module's doc).
+
+    ``tiers`` are the names of HYBRIDGL_QUEUES, highest priority first; ``batch`` stands for the batch
+    queues of all projects.
+    """
+
+    def __init__(self, tiers, connection: redis.Redis, **kwargs):
+        self.tiers = tuple(tiers)
+        self._batch_turn: list[str] = []  # batch queues, the next to serve first
+        kwargs.setdefault("job_class", q.TrustedJob)  # tests/test_dequeue_order.py runs its own job function
+        super().__init__(self._tier_queues(connection, []), connection=connection, serializer=q.SERIALIZER, **kwargs)
+
+    def _tier_queues(self, conn: redis.Redis, batch_names: list[str]) -> list[Queue]:
+        names: list[str] = []
+        for name in self.tiers:
+            names += batch_names if name == q.BATCH else [name]
+        # At least one queue to listen on (RQ needs one), before any project has a batch queue.
+        return [q.make_queue(n, conn) for n in names or [q.INTERACTIVE]]
+
+    def refresh_queues(self) -> None:
+        """Pick up new projects' batch queues, first in the turn (not served yet); keep the known ones' order."""
+        if q.BATCH not in self.tiers:
+            return
+        found = q.batch_queue_names(self.connection)
+        known = [n for n in self._batch_turn if n in found]
+        self._batch_turn = [n for n in found if n not in known] + known
+        self.queues = self._tier_queues(self.connection, self._batch_turn)
+        self._ordered_queues = self.queues[:]
+
+    def reorder_queues(self, reference_queue) -> None:
+        """The batch queue just served goes to the end of the turn (RQ's round robin, within the tier)."""
+        if reference_queue.name in self._batch_turn:
+            self._batch_turn.remove(reference_queue.name)
+            self._batch_turn.append(reference_queue.name)
+
+    def dequeue_job_and_maintain_ttl(self, timeout, max_idle_time=None):
+        """RQ's dequeue, on freshly discovered queues; an idle worker looks again every DISCOVERY_SECONDS."""
+        while True:
+            self.refresh_queues()
+            if timeout is None:  # burst: one non-blocking pass
+                return super().dequeue_job_and_maintain_ttl(None, max_idle_time)
+            result = super().dequeue_job_and_maintain_ttl(min(timeout, DISCOVERY_SECONDS), DISCOVERY_SECONDS)
+            if result is not None:
+                return result
+
+
+def all_queue_names(conn: redis.Redis) -> list[str]:
+    """The tier queues and every project's batch queue."""
+    return [q.INTERACTIVE, q.WARMUP, *q.batch_queue_names(conn)]
 
 
 def limit_memory(job_mib: int) -> None:
@@ -124,7 +185,8 @@ def reap_dead_workers_jobs(conn: redis.Redis) -> list[str]:
     alive = {w.get("name") for w in q.live_workers(conn)}
     reaped: list[str] = []
     dead_workers: dict[str, list[str]] = {}
-    for queue_name in q.QUEUES:
+    queue_names = all_queue_names(conn)
+    for queue_name in queue_names:
         registry = q.registry(StartedJobRegistry, queue_name, conn)
         expired = {}
         for entry in conn.zrange(registry.key, 0, -1):
@@ -138,7 +200,7 @@ def reap_dead_workers_jobs(conn: redis.Redis) -> list[str]:
         if expired:
             conn.zadd(registry.key, expired, xx=True)
             registry.cleanup()
-    for queue_name in q.QUEUES:  # a dead worker's scheduler lock: free it now rather than in a minute
+    for queue_name in queue_names:  # a dead worker's scheduler lock: free it now rather than in a minute
         key = RQScheduler.get_locking_key(queue_name)
         holder = conn.get(key)
         if holder and holder.decode() not in alive:
