@@ -27,7 +27,7 @@ import threading
 import time
 
 import redis
-from rq import SimpleWorker
+from rq import Queue, SimpleWorker
 from rq.executions import Execution
 from rq.registry import StartedJobRegistry
 from rq.scheduler import RQScheduler
