@@ -124,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
         return run_labelstudio(args)
     if not getattr(args, "dataset", None):
         raise EvaluateError("give --dataset (refcoco, refcoco+, refcocog, phrasecut) for a benchmark, "
-                         "or --labelstudio-export EXPORT_JSON to measure pre-labeling on your own data")
+                            "or --labelstudio-export EXPORT_JSON to measure pre-labeling on your own data")
     from worker.evaluate.benchmark import run_benchmark
 
     return run_benchmark(args)

@@ -107,8 +107,8 @@ def run_benchmark(args: argparse.Namespace) -> int:
                    if previous["settings"].get(k) != v}
         if changed:
             raise EvaluateError(f"{out} holds results computed with other settings "
-                             f"({', '.join(f'{k}={a!r} there, {b!r} now' for k, (a, b) in changed.items())}): "
-                             "use another --out for another configuration")
+                                f"({', '.join(f'{k}={a!r} there, {b!r} now' for k, (a, b) in changed.items())}): "
+                                "use another --out for another configuration")
     _repair_results(results_path)
     done = read_results(results_path)
     selected = samples if limit is None else samples[:limit]
@@ -121,7 +121,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
         pipeline = HybridGL(settings)
         if previous is not None and previous.get("model_version") != pipeline.model_version:
             raise EvaluateError(f"{out} holds results of model_version {previous.get('model_version')}, these settings "
-                             f"give {pipeline.model_version}: use another --out for another configuration")
+                                f"give {pipeline.model_version}: use another --out for another configuration")
         run_info = {**identity, "model_version": pipeline.model_version, "settings": dataclasses.asdict(settings),
                     "started": (previous or {}).get("started") or time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         write_atomic(run_path, json.dumps(run_info, indent=1) + "\n")
@@ -167,7 +167,7 @@ def evaluate_samples(pipeline, samples: Sequence[Sample], results_path: Path, *,
             h, w = rgb.shape[:2]
             if group[0].size is not None and group[0].size != (h, w):
                 raise EvaluateError(f"image {group[0].image_path} is {w}x{h} but the annotations say "
-                                 f"{group[0].size[1]}x{group[0].size[0]}: wrong image folder or file?")
+                                    f"{group[0].size[1]}x{group[0].size[0]}: wrong image folder or file?")
             index = _index(pipeline, rgb, index_cache)
             masks = index.masks.numpy()
             gts: dict[str, np.ndarray] = {}

@@ -243,12 +243,12 @@ def run_coco(args: argparse.Namespace) -> int:
     if previous is not None:
         if any(previous.get(k) != v for k, v in identity.items()):
             raise EvaluateError(f"{out} holds results of another run ({previous.get('mode')} on "
-                             f"{previous.get('annotations')}): use another --out")
+                                f"{previous.get('annotations')}): use another --out")
         changed = [k for k, v in settings.scoped("index", "query").items()
                    if (previous.get("settings") or {}).get(k, v) != v]
         if changed:
             raise EvaluateError(f"{out} holds results computed with other settings ({', '.join(changed)}): "
-                             "use another --out for another configuration")
+                                "use another --out for another configuration")
     from worker.evaluate.benchmark import _repair_results, read_results
 
     _repair_results(results_path)
@@ -262,7 +262,7 @@ def run_coco(args: argparse.Namespace) -> int:
         pipeline = HybridGL(settings)
         if previous is not None and previous.get("model_version") != pipeline.model_version:
             raise EvaluateError(f"{out} holds results of model_version {previous.get('model_version')}; these settings "
-                             f"give {pipeline.model_version}: use another --out")
+                                f"give {pipeline.model_version}: use another --out")
         run_info = {**identity, "model_version": pipeline.model_version, "settings": dataclasses.asdict(settings),
                     "prompts": names, "started": (previous or {}).get("started") or time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         write_atomic(run_path, json.dumps(run_info, indent=1) + "\n")
@@ -291,7 +291,7 @@ def evaluate_image(pipeline, image: dict, folder: Path, names: list[str], catego
     h, w = rgb.shape[:2]
     if (image.get("height"), image.get("width")) not in ((h, w), (None, None)):
         raise EvaluateError(f"image {image['file_name']} is {w}x{h} but the annotations say "
-                         f"{image.get('width')}x{image.get('height')}: wrong image folder or file?")
+                            f"{image.get('width')}x{image.get('height')}: wrong image folder or file?")
     index = _index(pipeline, rgb, index_cache)
     answer = pipeline.instances(index, names)
     masks = index.masks.numpy()

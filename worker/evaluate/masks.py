@@ -81,7 +81,7 @@ def coco_segmentation_mask(segmentation: Any, height: int, width: int, overlap: 
             raise EvaluateError(f"RLE counts sum to {total}, not {h}x{w} = {h * w} pixels")
         return coco_mask.decode(rle).astype(bool)
     raise EvaluateError(f"unsupported COCO segmentation {type(segmentation).__name__}: expected a list of "
-                     "polygons or an RLE dict with 'counts'")
+                        "polygons or an RLE dict with 'counts'")
 
 
 def phrasecut_mask(polygons: Iterable[Sequence[Sequence[float]]], height: int, width: int) -> np.ndarray:

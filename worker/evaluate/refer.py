@@ -82,7 +82,7 @@ def load_refer(data_dir: Path, dataset: str, split_by: str, split: str, images: 
     if not chosen:
         splits = sorted({str(r.get("split")) for r in refs})
         raise EvaluateError(f"no refs with split {split!r} in {folder / f'refs({split_by}).p'}; "
-                         f"its splits: {', '.join(splits)}")
+                            f"its splits: {', '.join(splits)}")
     other = "sent" if sentence_field == "raw" else "raw"
     by_image: dict[Any, list[Sample]] = {}
     seen: set[str] = set()
@@ -91,7 +91,7 @@ def load_refer(data_dir: Path, dataset: str, split_by: str, split: str, images: 
         img = imgs.get(ref["image_id"])
         if ann is None or img is None:
             raise EvaluateError(f"ref {ref.get('ref_id')}: annotation {ref.get('ann_id')} or image "
-                             f"{ref.get('image_id')} is missing from {folder / 'instances.json'}")
+                                f"{ref.get('image_id')} is missing from {folder / 'instances.json'}")
         for sent in ref.get("sentences", []):
             key = str(sent["sent_id"])
             if key in seen:
