@@ -336,11 +336,11 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
             raise ApiError(404, f"no batch {shown!r}: see GET /batches for the batches still visible (a batch is "
                                 "listed until its jobs' records expire, HYBRIDGL_RESULT_TTL after they end)") from None
 
-    @app.get("/batches/{batch_id}")
+    @app.get("/batches/{batch_id}", responses={404: {"model": ErrorResponse}})
     def get_batch(batch_id: str):
         return _batch_or_404(batch_id).as_dict()
 
-    @app.delete("/batches/{batch_id}")
+    @app.delete("/batches/{batch_id}", responses={404: {"model": ErrorResponse}})
     def cancel_batch(batch_id: str):
         """Remove the batch's queued jobs; running ones finish and deliver their predictions."""
         _batch_or_404(batch_id)

@@ -57,18 +57,29 @@ def _project(ls, name: str, config: str, tasks: list[dict], backend_url: str, in
     return project, ml, ids
 
 
+LIVE_STATUSES = (b"queued", b"started", b"scheduled", b"deferred")
+
+
 def _drain(redis_url: str, timeout: float = 300) -> None:
     """Wait until no job is queued or running (every project's batch queue included)."""
     from rq import Queue
-    from rq.registry import StartedJobRegistry
+    from rq.registry import ScheduledJobRegistry, StartedJobRegistry
 
     from backend import queue as jq
 
     conn = redis.Redis.from_url(redis_url)
 
     def idle() -> bool:
-        return all(Queue(q, connection=conn).count == 0 and StartedJobRegistry(q, connection=conn).count == 0
-                   for q in ("interactive", "warmup", *jq.batch_queue_names(conn)))
+        queues = ("interactive", "warmup", *jq.batch_queue_names(conn))
+        if not all(Queue(q, connection=conn).count == 0 and StartedJobRegistry(q, connection=conn).count == 0
+                   and ScheduledJobRegistry(q, connection=conn).count == 0 for q in queues):
+            return False
+        # A job a worker has just popped is in no queue and not yet in the started registry: its own
+        # record still says queued. A retry waiting in the scheduled registry is counted above.
+        for key in conn.scan_iter("rq:job:*", count=1000):
+            if conn.type(key) == b"hash" and conn.hget(key, "status") in LIVE_STATUSES:
+                return False
+        return True
 
     wait_for(idle, timeout, "the queues to drain")
 
