@@ -19,6 +19,7 @@ its first batch after the worker started is served from its first job on.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -95,14 +96,37 @@ def run_worker(serve: ServeSettings, method_settings, name: str | None = None, b
     reap_dead_workers_jobs(conn)  # jobs left by a worker that died while none was alive to notice
     threading.Thread(target=housekeeping, name="housekeeping", daemon=True).start()
     log.info("worker %s ready: model_version %s, queues %s", name, pipeline.model_version, ",".join(serve.queues))
-    worker = FairWorker(serve.queues, connection=conn, name=name)
     try:
-        worker.work(with_scheduler=False, burst=burst, logging_level="INFO")
+        while True:
+            worker = FairWorker(serve.queues, connection=conn, name=name)
+            try:
+                worker.work(with_scheduler=False, burst=burst, logging_level="INFO")
+                break
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                # RQ's loop rides out a Redis outage between jobs, but not one that begins while a job
+                # ends (its failure or success is recorded in Redis): wait for Redis and work on.
+                log.warning("Redis became unreachable while a job ended (%s); waiting for it to come back", exc)
+                wait_for_redis(conn)
+                with contextlib.suppress(redis.RedisError):
+                    worker.register_death()  # RQ's registration, so that the same name can register again
+                q.register_worker(conn, name, info, serve.worker_heartbeat)
     finally:
         stop.set()
         scheduler.release_locks()
         q.unregister_worker(conn, name)
     return 0
+
+
+def wait_for_redis(conn: redis.Redis, longest_pause: float = 5.0) -> None:
+    """Block until Redis answers again, pausing longer between tries (up to ``longest_pause`` s)."""
+    pause = 0.1
+    while True:
+        try:
+            conn.ping()
+            return
+        except (redis.ConnectionError, redis.TimeoutError):
+            time.sleep(pause)  # a back-off between reconnection attempts
+            pause = min(pause * 2, longest_pause)
 
 
 class FairWorker(SimpleWorker):
