@@ -245,7 +245,7 @@ def test_image_too_big_for_the_memory_budget_fails_alone_then_rerun_with_more_me
     assert tasks == [ids[0]]
     assert reason.startswith("out of memory while processing its 4800x3600 image (HYBRIDGL_JOB_MEMORY=3000 MiB; "
                              "allocating "), reason
-    assert "more failed): lower IMAGE_MAX_PIXELS" in reason
+    assert "more failed; also with the worker's index cache emptied): lower IMAGE_MAX_PIXELS" in reason
     assert _predicted(ls, project) == {ids[0]: 0, ids[1]: 1, ids[2]: 1}
     assert tight.process.poll() is None  # the worker survived and ran the other tasks
     assert _health_mentions(faults, f"ran out of memory on task {ids[0]} (4800x3600 image")
