@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -356,7 +355,6 @@ def test_retrieve_overtakes_another_projects_run_which_is_then_canceled(ls, stac
         wait_for(lambda: "enqueued 200 task(s)" in run.output() and _predicted(ls, big)
                  and any(_predicted(ls, big).values()), 300, "the run to be queued and running")
         [run_batch] = batches.listing(conn, big)
-        arrived = time.time()
         callers = [threading.Thread(target=ls.retrieve_predictions, args=(small, small_ids)) for _ in range(2)]
         for c in callers:
             c.start()
@@ -365,7 +363,11 @@ def test_retrieve_overtakes_another_projects_run_which_is_then_canceled(ls, stac
         wait_for(lambda: all(_predicted(ls, small).values()), 300, "the small project's predictions")
         _one_prediction_each(ls, redis_url, small_ids)
         small_jobs = {m.decode() for b in batches.listing(conn, small) for m in conn.smembers(batches.jobs_key(b.id))}
-        last_small_end = max(Job.fetch(j, connection=conn).ended_at for j in small_jobs)
+        small_records = Job.fetch_many(sorted(small_jobs), connection=conn)
+        last_small_end = max(job.ended_at for job in small_records)
+        # From when the Retrieve's jobs reached the queue (Label Studio takes a moment to call /predict,
+        # during which the run rightly goes on): the job then running, and one between each two of the five.
+        arrived = min(job.enqueued_at for job in small_records).timestamp()
         run_jobs = [m.decode() for m in conn.smembers(batches.jobs_key(run_batch.id))]
         delayed = sum(1 for job in Job.fetch_many(run_jobs, connection=conn)
                       if job and job.started_at and job.started_at < last_small_end
