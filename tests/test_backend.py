@@ -191,11 +191,14 @@ def test_warm_up_makes_the_first_prompt_a_cache_hit(stack, image_server, redis_u
     task = {"id": 31, "data": {"image": f"{image_server}/groceries.jpg"}}
     assert _predict(client, [task], INTERACTIVE_CONFIG, None).json() == {"results": [[]]}
     conn = redis.Redis.from_url(redis_url)
+    from backend.jobspec import warm_job
     from backend.queue import fetch_jobs
 
-    warm_jobs = [j for j in fetch_jobs(_all_job_ids(conn, "warmup"), conn) if j and j.args[0]["image"].endswith("groceries.jpg")]
-    assert warm_jobs
-    wait_for(lambda: warm_jobs[0].get_status(refresh=True) == "finished", 120, "the warm-up job")
+    # The warm-up's id is the job spec's (looked up by id: a job a worker has just popped is in no list).
+    spec = warm_job(project="7.1700000000", task_id=31, image=task["data"]["image"], interactive=True)
+    [job] = fetch_jobs([spec.job_id], conn)
+    assert job is not None and job.args[0]["image"] == task["data"]["image"]
+    wait_for(lambda: job.get_status(refresh=True) == "finished", 120, "the warm-up job")
     built = _metric(client.get("/metrics").text, 'hybridgl_index_lookups_total{source="built"}')
     answer = _predict(client, [task], INTERACTIVE_CONFIG, _textarea("the bag"))
     assert answer.status_code == 200
