@@ -289,7 +289,7 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
         except LabelConfigError:
             return WebhookResponse(status="ignored")
         project = body.project.get("id")
-        project_uid = _project_uid(body.project)
+        project_uid = js.project_uid(body.project)
         images = []
         for task in body.tasks:
             data = task.get("data")
@@ -352,20 +352,6 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
         return PlainTextResponse(render_metrics(conn, jobs, cache_conn), media_type="text/plain; version=0.0.4")
 
     return app
-
-
-def _project_uid(project: dict) -> str | None:
-    """Label Studio's '<id>.<created timestamp>' project id, as /predict and /setup carry it."""
-    from datetime import datetime
-
-    created = project.get("created_at")
-    if project.get("id") is None or not created:
-        return None
-    try:
-        stamp = int(datetime.fromisoformat(str(created).replace("Z", "+00:00")).timestamp())
-    except (ValueError, OverflowError, OSError):
-        return None
-    return f"{project['id']}.{stamp}"
 
 
 def render_metrics(conn: redis.Redis, jobs: q.JobQueue, cache_conn: redis.Redis | None = None) -> str:

@@ -1,7 +1,8 @@
 """The delivery ledger: who delivers a task's prediction, decided atomically in Redis.
 
-The unit is (project, task, model_version): Label Studio saves every prediction it is given, so
-two deliveries for one task are two predictions. Three parties may deliver one:
+The unit is (project, task, model_version), the project by its key (``jobspec.project_key``: Label
+Studio's '<id>.<created timestamp>', so that two Label Studio instances sharing the workers never
+share an entry). Label Studio saves every prediction it is given, so two deliveries for one task are two predictions. Three parties may deliver one:
 - a /predict response (Retrieve Predictions, a task open) that has the answer in hand;
 - the worker that ran the job, when the task was handed off to it (the /predict budget ran out,
   or `hybridgl prelabel` asked for it);
@@ -31,7 +32,7 @@ from typing import Any
 
 import redis
 
-from backend.jobspec import PREFIX, project_id
+from backend.jobspec import PREFIX, project_key
 
 HANDED, DELIVERED, ANSWER = "handed", "delivered", "answer"
 RETURNED, WRITING, WRITTEN, HANDOFF = "returned", "writing", "written", "handoff"
@@ -95,7 +96,7 @@ return 1
 
 
 def entry_key(project: Any, task_id: Any, model_version: str) -> str:
-    return f"{PREFIX}:delivery:{project_id(project)}:{task_id}:{model_version}"
+    return f"{PREFIX}:delivery:{project_key(project)}:{task_id}:{model_version}"
 
 
 def answer_key(job_id: str) -> str:

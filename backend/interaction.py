@@ -18,7 +18,7 @@ from typing import Any
 
 import redis
 
-from backend.jobspec import PREFIX, project_id
+from backend.jobspec import PREFIX, project_key
 
 STATE_TTL = 24 * 3600
 
@@ -41,7 +41,7 @@ return out
 
 
 def state_key(project: Any, task_id: Any) -> str:
-    return f"{PREFIX}:interactive:{project_id(project)}:{task_id}"
+    return f"{PREFIX}:interactive:{project_key(project)}:{task_id}"
 
 
 def start_prompt(conn: redis.Redis, project: Any, task_id: Any, prompt: dict) -> None:

@@ -58,8 +58,33 @@ class JobSpec:
 
 
 def project_id(project: Any) -> str:
-    """Label Studio's project id: /predict sends '<id>.<created timestamp>', prelabel the bare id."""
+    """The bare project id of a project key ('<id>.<created timestamp>' or '<id>'): for what people
+    read (queue names, batches, metrics)."""
     return str(project).split(".", 1)[0] if project is not None else ""
+
+
+def project_key(project: Any) -> str:
+    """A project as Redis state keys it (job ids, the delivery ledger, interactive state): Label
+    Studio's '<id>.<created timestamp>' uid, which /predict and /setup carry and prelabel builds with
+    :func:`project_uid`. Two Label Studio instances sharing these workers (staging and production, or
+    one reinstalled) both have a project 1 with a task 1; the timestamp keeps their jobs and deliveries
+    apart. Where only the bare id is known, it is the key."""
+    return str(project) if project is not None else ""
+
+
+def project_uid(project: dict) -> str | None:
+    """Label Studio's '<id>.<created timestamp>' uid of a project as its API (or a webhook) shows it:
+    ``int(created_at.timestamp())``, as Label Studio computes it for /predict; None without ``created_at``."""
+    from datetime import datetime
+
+    created = project.get("created_at")
+    if project.get("id") is None or not created:
+        return None
+    try:
+        stamp = int(datetime.fromisoformat(str(created).replace("Z", "+00:00")).timestamp())
+    except (ValueError, OverflowError, OSError):
+        return None
+    return f"{project['id']}.{stamp}"
 
 
 def batch_queue(project: Any) -> str:
@@ -124,7 +149,7 @@ def prediction_job(*, model_version: str | None, project: Any, task_id: Any, ima
                "expressions": expressions, "clicks": clicks, "refine": refine, "deliver": delivery.value,
                "model_version": model_version}
     kind = "interactive" if interactive else "predict"
-    job_id = _job_id(kind, [model_version, project_id(project), task_id, image, expressions, clicks, refine,
+    job_id = _job_id(kind, [model_version, project_key(project), task_id, image, expressions, clicks, refine,
                             shaping_digest(config)])
     return JobSpec(INTERACTIVE if interactive else batch_queue(project), PREDICT_JOB, payload, job_id,
                    f"{'interactive' if interactive else 'predict'} task {task_id} ({origin})")
@@ -135,4 +160,4 @@ def warm_job(*, project: Any, task_id: Any, image: str, interactive: bool = Fals
     the config takes clicks, so SAM's embedding is shared too."""
     return JobSpec(WARMUP, WARM_JOB, {"task_id": task_id, "project": project, "image": image,
                                       "interactive": interactive},
-                   _job_id("warm", [image, project_id(project)]), f"warm-up task {task_id}")
+                   _job_id("warm", [image, project_key(project)]), f"warm-up task {task_id}")

@@ -232,6 +232,7 @@ class Prelabel:
         self.bar = None  # the progress bar, while jobs are followed
         self.queue_name = js.batch_queue(args.project)
         self.project_id = int(args.project)
+        self.project_key = str(self.project_id)  # Label Studio's uid once the project is read (execute)
         self.version: str | None = None
         self.tally = Tally(self.project_id, None, dry_run=bool(args.dry_run))
         self.watch: dict[str, Planned] = {}  # job id -> task, in enqueue order
@@ -319,7 +320,7 @@ class Prelabel:
             else:
                 digest = digest or js.store_label_config(self.conn, label_config)
             spec = js.prediction_job(
-                model_version=self.version, project=f"{self.project_id}", task_id=req.task_id, image=req.image,
+                model_version=self.version, project=self.project_key, task_id=req.task_id, image=req.image,
                 expressions=[{"text": e.text, "label": e.label} for e in req.expressions], clicks=[],
                 config=config, config_digest=digest, interactive=False, origin="prelabel")
             if args.limit is not None and to_predict >= args.limit:
@@ -381,7 +382,7 @@ class Prelabel:
                 time.sleep(POLL_SECONDS)
 
     def _entry(self, item: Planned) -> str:
-        return delivery.entry_key(self.project_id, item.task_id, str(self.version))
+        return delivery.entry_key(self.project_key, item.task_id, str(self.version))
 
     def _status(self, job_id: str):
         try:
@@ -491,6 +492,8 @@ class Prelabel:
         self.version = self.resolve_version()
         tally.model_version = self.version
         project, config = self.project()
+        # The same key as /predict's body carries, so that both flows join one job and one ledger entry.
+        self.project_key = js.project_uid(project) or self.project_key
         self.label_config = project["label_config"]
         title = project.get("title") or ""
         self.say(f"project {self.project_id} ({title!r}, {project.get('task_number', '?')} tasks) at "

@@ -69,7 +69,7 @@ def run_preview(runner, config: LabelingConfig, label_config: str) -> int:
         entry["expressions"] = [e.text for e in req.expressions]
         digest = digest or js.store_label_config(runner.conn, label_config)
         spec = js.prediction_job(
-            model_version=runner.version, project=f"{runner.project_id}", task_id=task_id, image=req.image,
+            model_version=runner.version, project=runner.project_key, task_id=task_id, image=req.image,
             expressions=[{"text": e.text, "label": e.label} for e in req.expressions], clicks=[], config=config,
             config_digest=digest, interactive=False, origin="preview")
         # On the batch queue (annotators' prompts keep priority), answered in the job's result only, and

@@ -148,9 +148,17 @@ def test_a_write_in_progress_counts_for_the_jobs_whole_lifetime(conn):
 
 
 def test_the_unit_is_project_task_and_model_version():
-    assert delivery.entry_key("7.1700000000", 5, "v1") == delivery.entry_key("7", 5, "v1")
-    assert delivery.entry_key("7", 5, "v1") != delivery.entry_key("7", 5, "v2")
-    assert delivery.entry_key("7", 5, "v1") != delivery.entry_key("8", 5, "v1")
+    assert delivery.entry_key("7.1700000000", 5, "v1") != delivery.entry_key("7.1700000000", 5, "v2")
+    assert delivery.entry_key("7.1700000000", 5, "v1") != delivery.entry_key("8.1700000000", 5, "v1")
+    # Project 7 of another Label Studio (or of this one reinstalled) sharing the workers: another project.
+    assert delivery.entry_key("7.1700000000", 5, "v1") != delivery.entry_key("7.1800000000", 5, "v1")
+
+
+def test_prelabel_keys_a_project_as_predict_does():
+    """prelabel reads the project from Label Studio's API; /predict gets '<id>.<created timestamp>' in its body."""
+    assert js.project_uid({"id": 7, "created_at": "2023-11-14T22:13:20.123456Z"}) == "7.1700000000"
+    assert js.project_uid({"id": 7, "created_at": "2023-11-14T23:13:20.999+01:00"}) == "7.1700000000"
+    assert js.project_uid({"id": 7}) is None and js.project_uid({"id": 7, "created_at": "yesterday"}) is None
 
 
 def _spec(**changes) -> js.JobSpec:
@@ -163,7 +171,8 @@ def _spec(**changes) -> js.JobSpec:
 
 def test_job_ids_change_with_what_changes_the_answer_only():
     base = _spec()
-    assert _spec(project="7", origin="prelabel").job_id == base.job_id  # prelabel joins /predict's job
+    assert _spec(origin="prelabel").job_id == base.job_id  # prelabel joins /predict's job
+    assert _spec(project="7.1800000000").job_id != base.job_id  # another Label Studio's project 7
     cosmetic = CONFIG.replace("<View>", '<View><Header value="Segment"/>')
     assert _spec(config=parse_label_config(cosmetic)).job_id == base.job_id
     for changed in (_spec(image="/data/upload/1/b.png"), _spec(model_version="v2"), _spec(task_id=6),
@@ -237,6 +246,6 @@ def test_a_selection_over_1000_tasks_is_served_and_handed_off(tiny_settings, red
     assert Queue(js.batch_queue("7"), connection=conn).count == 1200
     from backend.app import PROVISIONAL_VERSION  # no worker has published a model version
 
-    states = {delivery.Ledger(conn, 600).state(delivery.entry_key("7", i, PROVISIONAL_VERSION)).get("state")
+    states = {delivery.Ledger(conn, 600).state(delivery.entry_key("7.1700000000", i, PROVISIONAL_VERSION)).get("state")
               for i in range(1, 1201)}
     assert states == {delivery.HANDOFF}

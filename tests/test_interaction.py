@@ -30,16 +30,18 @@ def conn(clean_redis):
 def test_clicks_accumulate_until_a_new_prompt(conn):
     interaction.start_prompt(conn, "7.1700000000", 1, DOG)
     assert interaction.add_clicks(conn, "7.1700000000", 1, [_click(10.123456789)]) == (DOG, [_click(10.1235)])
-    prompt, clicks = interaction.add_clicks(conn, "7", 1, [_click(20, positive=False)])
+    prompt, clicks = interaction.add_clicks(conn, "7.1700000000", 1, [_click(20, positive=False)])
     assert prompt == DOG and clicks == [_click(10.1235), _click(20, positive=False)]
     # Label Studio sending the same click again (a retry) does not count it twice
-    assert interaction.add_clicks(conn, "7", 1, [_click(10.123456789)])[1] == clicks
-    interaction.start_prompt(conn, "7", 1, GRASS)  # a new prompt: its clicks start afresh
-    assert interaction.add_clicks(conn, "7", 1, [_click(30)]) == (GRASS, [_click(30)])
-    interaction.start_prompt(conn, "7", 1, DOG)  # an earlier prompt typed again is the current one
-    assert interaction.add_clicks(conn, "7", 1, [_click(40)]) == (DOG, [_click(40)])
-    assert interaction.add_clicks(conn, "7", 2, [_click(50)]) == (None, [_click(50)])  # another task: no prompt
-    assert 0 < conn.ttl(interaction.state_key("7", 1)) <= interaction.STATE_TTL
+    assert interaction.add_clicks(conn, "7.1700000000", 1, [_click(10.123456789)])[1] == clicks
+    interaction.start_prompt(conn, "7.1700000000", 1, GRASS)  # a new prompt: its clicks start afresh
+    assert interaction.add_clicks(conn, "7.1700000000", 1, [_click(30)]) == (GRASS, [_click(30)])
+    interaction.start_prompt(conn, "7.1700000000", 1, DOG)  # an earlier prompt typed again is the current one
+    assert interaction.add_clicks(conn, "7.1700000000", 1, [_click(40)]) == (DOG, [_click(40)])
+    assert interaction.add_clicks(conn, "7.1700000000", 2, [_click(50)]) == (None, [_click(50)])  # another task: no prompt
+    # Project 7 of another Label Studio sharing the workers has its own state
+    assert interaction.add_clicks(conn, "7.1800000000", 1, [_click(60)]) == (None, [_click(60)])
+    assert 0 < conn.ttl(interaction.state_key("7.1700000000", 1)) <= interaction.STATE_TTL
 
 
 def test_concurrent_clicks_are_all_kept(conn):
