@@ -107,6 +107,19 @@ def test_batch_predict_fills_every_output_tag(stack, image_server):
     assert labels == [["Grass"], []]
 
 
+def test_a_project_of_another_label_studio_gets_its_own_prediction(stack, image_server):
+    """Two Label Studio instances sharing the workers (staging and production, one reinstalled) both
+    have a project 7 with a task 1: Label Studio's '<id>.<created timestamp>' keeps them apart."""
+    task = {"id": 1, "data": {"image": f"{image_server}/dog.jpg", "prompt": "the dog on the left"}}
+    first = _predict(stack["client"], [task], BRUSH_CONFIG, project="7.1700000001").json()["results"]
+    # Same ids, image and config, just delivered: neither its finished job nor its ledger entry counts here.
+    other = _predict(stack["client"], [task], BRUSH_CONFIG, project="7.1800000001").json()["results"]
+    assert len(first[0]["result"]) == 3 and len(other[0]["result"]) == 3
+    # The same project asking again within the settle window is the one that already has it.
+    again = _predict(stack["client"], [task], BRUSH_CONFIG, project="7.1700000001").json()["results"]
+    assert again == [[]]
+
+
 def test_a_bad_task_does_not_fail_the_others(stack, image_server, redis_url):
     tasks = [{"id": 11, "data": {"image": f"{image_server}/dog.jpg", "prompt": "the dog"}},
              {"id": 12, "data": {"picture": "x.jpg", "prompt": "the dog"}},  # no image field
