@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from worker import evaluate
-from worker.evaluate import benchmark
+from worker.evaluate import benchmark, files
 from worker.hybridgl.settings import add_settings_arguments, setting_fields
 
 REPO = Path(__file__).resolve().parents[1]
@@ -213,7 +213,7 @@ def test_refs_pickles_are_read_without_running_code(tmp_path):
 def test_interrupted_line_is_dropped(tmp_path):
     path = tmp_path / "results.jsonl"
     path.write_text('{"key": "1", "I_pure": 1}\n{"key": "2", "I_p')
-    benchmark._repair_results(path)
+    files.repair_results(path)
     assert list(evaluate.read_results(path)) == ["1"]
     assert path.read_text().endswith("\n")
 
@@ -387,8 +387,8 @@ def test_release_switches_reuse_cached_indexes(bench, tiny_settings, tmp_path):
             "--out", str(out), "--no-progress", "--index-cache", str(bench["cache"])] + bench["argv"]
     argv += ["--no-right-fires", "--sticky-k"]
     # Fill the cache first when this test runs alone.
-    benchmark._index(bench["pipeline"], bench["rgbs"][1], bench["cache"])
-    benchmark._index(bench["pipeline"], bench["rgbs"][2], bench["cache"])
+    benchmark.cached_index(bench["pipeline"], bench["rgbs"][1], bench["cache"])
+    benchmark.cached_index(bench["pipeline"], bench["rgbs"][2], bench["cache"])
     assert len(list(bench["cache"].glob("*.index.npz"))) == 2
     assert evaluate.run(_parser().parse_args(argv)) == 0
     release = HybridGL(tiny_settings.replace(right_fires=False, sticky_k=True), bench["pipeline"].models)

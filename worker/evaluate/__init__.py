@@ -35,7 +35,8 @@ deleted, regions added by annotators; per ``model_version``, per label, and both
 
 Modules: ``refer`` and ``phrasecut`` read the two dataset formats into ``samples.Sample``s;
 ``masks`` rasterizes their ground truth (COCO's with pycocotools); ``metrics`` computes oIoU/mIoU and
-the summaries; ``benchmark`` runs the method over samples (resumable files); ``labelstudio_report`` is
+the summaries; ``files`` is the resumable run folder both model-running modes share (``run.json``,
+``results.jsonl``); ``benchmark`` runs the method over samples; ``labelstudio_report`` is
 the export mode; ``instances`` is the instance mode (``--coco-instances``, ``--labelstudio-export
 --instances``: every instance of each label, see its docstring). This package's ``add_arguments(parser)`` adds the command's options and imports
 nothing heavy; ``run(args)`` does the work (the method's settings come from

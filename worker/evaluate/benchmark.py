@@ -4,7 +4,6 @@ the summary files (the protocol of HYBRIDGL.md section 7; files described in the
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import json
 import os
@@ -16,42 +15,14 @@ from pathlib import Path
 import numpy as np
 
 from worker.evaluate import EvaluateError
-from worker.evaluate.files import write_atomic
+from worker.evaluate.files import open_run, read_results, write_atomic
 from worker.evaluate.metrics import summarize, summary_markdown
 from worker.evaluate.phrasecut import load_phrasecut
 from worker.evaluate.refer import DEFAULT_SPLIT_BY, load_refer
 from worker.evaluate.samples import Sample, ground_truth, load_rgb
 
-RESULTS_FILE = "results.jsonl"
-RUN_FILE = "run.json"
 SUMMARY_JSON = "summary.json"
 SUMMARY_MD = "summary.md"
-
-
-def read_results(path: Path) -> dict[str, dict]:
-    """``results.jsonl`` -> {key: line} (a later line with the same key wins)."""
-    records: dict[str, dict] = {}
-    if not Path(path).is_file():
-        return records
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    raise EvaluateError(f"{path} line {number} is not JSON: remove it to recompute it") from None
-                records[str(record["key"])] = record
-    return records
-
-
-def _repair_results(path: Path) -> None:
-    """Drop a last line cut short by an interrupted run (it is then recomputed)."""
-    if not path.is_file():
-        return
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        with open(path, "r+b") as f:
-            f.truncate(data.rfind(b"\n") + 1)
 
 
 def _benchmark_settings(args: argparse.Namespace, dataset: str):
@@ -89,42 +60,18 @@ def run_benchmark(args: argparse.Namespace) -> int:
     identity = {"dataset": dataset, "split": split, "split_by": split_by,
                 "sentence_field": args.sentence_field if dataset != "phrasecut" else None,
                 "gt_overlap": args.gt_overlap if dataset != "phrasecut" else None}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    run_path, results_path = out / RUN_FILE, out / RESULTS_FILE
-    previous = json.loads(run_path.read_text(encoding="utf-8")) if run_path.is_file() else None
-    if previous is not None:
-        differ = [k for k in identity if previous.get(k) != identity[k]]
-        if differ:
-            there = ", ".join(f"{k}={previous.get(k)!r}" for k in differ)
-            now = ", ".join(f"{k}={identity[k]!r}" for k in differ)
-            raise EvaluateError(f"{out} holds results of another run ({there} instead of {now}): use another --out")
     settings = _benchmark_settings(args, dataset)
-    if previous is not None and previous.get("settings"):
-        # Settings that change answers must match (checked without loading a model); the weights
-        # are checked through model_version once a model is loaded.
-        changed = {k: (previous["settings"].get(k), v) for k, v in settings.scoped("index", "query").items()
-                   if previous["settings"].get(k) != v}
-        if changed:
-            raise EvaluateError(f"{out} holds results computed with other settings "
-                                f"({', '.join(f'{k}={a!r} there, {b!r} now' for k, (a, b) in changed.items())}): "
-                                "use another --out for another configuration")
-    _repair_results(results_path)
-    done = read_results(results_path)
+    run = open_run(Path(args.out), identity, settings)
+    done, out, results_path = run.done, run.out, run.results_path
     selected = samples if limit is None else samples[:limit]
     todo = [s for s in selected if s.key not in done]
 
-    run_info = previous or {**identity, "model_version": None, "settings": None}
+    run_info = run.previous or {**identity, "model_version": None, "settings": None}
     if todo:
         from worker.hybridgl.pipeline import HybridGL
 
         pipeline = HybridGL(settings)
-        if previous is not None and previous.get("model_version") != pipeline.model_version:
-            raise EvaluateError(f"{out} holds results of model_version {previous.get('model_version')}, these settings "
-                                f"give {pipeline.model_version}: use another --out for another configuration")
-        run_info = {**identity, "model_version": pipeline.model_version, "settings": dataclasses.asdict(settings),
-                    "started": (previous or {}).get("started") or time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        write_atomic(run_path, json.dumps(run_info, indent=1) + "\n")
+        run_info = run.start(settings, pipeline.model_version)
         print(f"hybridgl evaluate: {dataset} {split_by or ''} {split}: {len(todo)} sentences to do "
               f"({len(done)} already in {results_path}), model_version {pipeline.model_version}",
               file=sys.stderr)
@@ -168,7 +115,7 @@ def evaluate_samples(pipeline, samples: Sequence[Sample], results_path: Path, *,
             if group[0].size is not None and group[0].size != (h, w):
                 raise EvaluateError(f"image {group[0].image_path} is {w}x{h} but the annotations say "
                                     f"{group[0].size[1]}x{group[0].size[0]}: wrong image folder or file?")
-            index = _index(pipeline, rgb, index_cache)
+            index = cached_index(pipeline, rgb, index_cache)
             masks = index.masks.numpy()
             gts: dict[str, np.ndarray] = {}
             for s in group:
@@ -235,7 +182,7 @@ def save_index(path: Path, index) -> None:
     os.replace(tmp, path)
 
 
-def _index(pipeline, rgb: np.ndarray, cache_dir: Path | None):
+def cached_index(pipeline, rgb: np.ndarray, cache_dir: Path | None):
     """The image's index, from ``cache_dir`` when an index with the same key (image content + every
     index setting + weights) is there; built and stored otherwise."""
     if cache_dir is None:

@@ -25,7 +25,6 @@ low-scoring regions, e.g. ``--instance-threshold 0``).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -35,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from worker.evaluate import EvaluateError
-from worker.evaluate.files import write_atomic
+from worker.evaluate.files import open_run, read_results, write_atomic
 from worker.evaluate.labelstudio_report import _LS_KINDS, _base_id, _pick_annotation, labelstudio_regions
 
 RESULTS_FILE, RUN_FILE, SUMMARY_JSON, SUMMARY_MD = "results.jsonl", "run.json", "summary.json", "summary.md"
@@ -232,40 +231,20 @@ def run_coco(args: argparse.Namespace) -> int:
     names = list(dict.fromkeys(categories.values()))
     limit = getattr(args, "limit", None)
     selected = images if limit is None else images[:limit]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     from worker.hybridgl.settings import settings_from_args
 
     settings = settings_from_args(args)
-    identity = {"mode": "coco-instances", "annotations": str(Path(args.coco_instances).resolve())}
-    run_path, results_path = out / RUN_FILE, out / RESULTS_FILE
-    previous = json.loads(run_path.read_text(encoding="utf-8")) if run_path.is_file() else None
-    if previous is not None:
-        if any(previous.get(k) != v for k, v in identity.items()):
-            raise EvaluateError(f"{out} holds results of another run ({previous.get('mode')} on "
-                                f"{previous.get('annotations')}): use another --out")
-        changed = [k for k, v in settings.scoped("index", "query").items()
-                   if (previous.get("settings") or {}).get(k, v) != v]
-        if changed:
-            raise EvaluateError(f"{out} holds results computed with other settings ({', '.join(changed)}): "
-                                "use another --out for another configuration")
-    from worker.evaluate.benchmark import _repair_results, read_results
-
-    _repair_results(results_path)
-    done = read_results(results_path)
-    todo = [im for im in selected if str(im["id"]) not in done]
+    run = open_run(Path(args.out), {"mode": "coco-instances", "annotations": str(Path(args.coco_instances).resolve())},
+                   settings)
+    out, run_path, results_path = run.out, run.run_path, run.results_path
+    todo = [im for im in selected if str(im["id"]) not in run.done]
     if todo:
         from tqdm import tqdm
 
         from worker.hybridgl.pipeline import HybridGL
 
         pipeline = HybridGL(settings)
-        if previous is not None and previous.get("model_version") != pipeline.model_version:
-            raise EvaluateError(f"{out} holds results of model_version {previous.get('model_version')}; these settings "
-                                f"give {pipeline.model_version}: use another --out")
-        run_info = {**identity, "model_version": pipeline.model_version, "settings": dataclasses.asdict(settings),
-                    "prompts": names, "started": (previous or {}).get("started") or time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        write_atomic(run_path, json.dumps(run_info, indent=1) + "\n")
+        run.start(settings, pipeline.model_version, prompts=names)
         with open(results_path, "a", encoding="utf-8") as f:
             for image in tqdm(todo, unit="img", desc="instances", disable=not getattr(args, "progress", True),
                               file=sys.stderr):
@@ -283,7 +262,7 @@ def run_coco(args: argparse.Namespace) -> int:
 
 def evaluate_image(pipeline, image: dict, folder: Path, names: list[str], categories: dict[int, str],
                    annotations: list[dict], index_cache: Path | None) -> dict:
-    from worker.evaluate.benchmark import _index
+    from worker.evaluate.benchmark import cached_index
     from worker.evaluate.masks import coco_segmentation_mask
     from worker.evaluate.samples import load_rgb
 
@@ -292,7 +271,7 @@ def evaluate_image(pipeline, image: dict, folder: Path, names: list[str], catego
     if (image.get("height"), image.get("width")) not in ((h, w), (None, None)):
         raise EvaluateError(f"image {image['file_name']} is {w}x{h} but the annotations say "
                             f"{image.get('width')}x{image.get('height')}: wrong image folder or file?")
-    index = _index(pipeline, rgb, index_cache)
+    index = cached_index(pipeline, rgb, index_cache)
     answer = pipeline.instances(index, names)
     masks = index.masks.numpy()
     predicted: dict[str, list] = {n: [] for n in names}
