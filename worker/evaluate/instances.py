@@ -35,7 +35,7 @@ import numpy as np
 
 from worker.evaluate import EvaluateError
 from worker.evaluate.files import open_run, read_results, write_atomic
-from worker.evaluate.labelstudio_report import _LS_KINDS, _base_id, _pick_annotation, labelstudio_regions
+from worker.evaluate.labelstudio_report import LS_KINDS, base_id, pick_annotation, labelstudio_regions
 
 RESULTS_FILE, RUN_FILE, SUMMARY_JSON, SUMMARY_MD = "results.jsonl", "run.json", "summary.json", "summary.md"
 
@@ -313,10 +313,10 @@ def labelstudio_records(tasks: list[dict]) -> list[dict]:
         if not predictions or not annotations:
             continue
         prediction = predictions[-1]
-        annotation = _pick_annotation(annotations, prediction)
+        annotation = pick_annotation(annotations, prediction)
         where = f"task {task.get('id')}"
-        tag = next((r.get("from_name") for r in prediction["result"] if r.get("type") in _LS_KINDS), None)
-        scores = {_base_id(r.get("id")): r.get("score", prediction.get("score")) for r in prediction["result"]}
+        tag = next((r.get("from_name") for r in prediction["result"] if r.get("type") in LS_KINDS), None)
+        scores = {base_id(r.get("id")): r.get("score", prediction.get("score")) for r in prediction["result"]}
         predicted = [r for r in labelstudio_regions(prediction["result"], where) if r.from_name == tag]
         truth = [r for r in labelstudio_regions(annotation.get("result") or [], where) if r.from_name == tag]
         labels = {}

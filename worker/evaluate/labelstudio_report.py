@@ -18,7 +18,7 @@ from worker.evaluate.files import write_atomic
 LS_SUMMARY_JSON = "labelstudio_summary.json"
 LS_SUMMARY_MD = "labelstudio_summary.md"
 LS_REGIONS = "labelstudio_regions.jsonl"
-_LS_KINDS = {"brushlabels": "brush", "brush": "brush", "polygonlabels": "polygon", "polygon": "polygon",
+LS_KINDS = {"brushlabels": "brush", "brush": "brush", "polygonlabels": "polygon", "polygon": "polygon",
              "rectanglelabels": "rectangle", "rectangle": "rectangle"}
 NO_LABEL = "(no label)"
 
@@ -32,7 +32,7 @@ class Region:
     mask: np.ndarray = field(repr=False)
 
 
-def _base_id(rid: Any) -> str | None:
+def base_id(rid: Any) -> str | None:
     # Label Studio's editor keeps "<id>#<annotation>" internally; exports carry the plain id.
     return None if rid is None else str(rid).split("#", 1)[0]
 
@@ -92,15 +92,15 @@ def labelstudio_regions(result: list[dict], where: str = "") -> list[Region]:
     labels_by_id: dict[str, list[str]] = {}
     for item in result or []:
         if item.get("type") == "labels":
-            labels_by_id[_base_id(item.get("id"))] = list((item.get("value") or {}).get("labels") or [])
+            labels_by_id[base_id(item.get("id"))] = list((item.get("value") or {}).get("labels") or [])
     regions = []
     for item in result or []:
         rtype = item.get("type")
-        kind = _LS_KINDS.get(rtype)
+        kind = LS_KINDS.get(rtype)
         if kind is None:
             continue
         value = item.get("value") or {}
-        rid = _base_id(item.get("id"))
+        rid = base_id(item.get("id"))
         labels = list(value.get(rtype) or []) if rtype.endswith("labels") else []
         labels = labels or labels_by_id.get(rid, [])
         width, height = item.get("original_width"), item.get("original_height")
@@ -155,7 +155,7 @@ def match_regions(predicted: list[Region], annotated: list[Region]) -> list[tupl
     return sorted(pairs)
 
 
-def _pick_annotation(annotations: list[dict], prediction: dict) -> dict:
+def pick_annotation(annotations: list[dict], prediction: dict) -> dict:
     pid = prediction.get("id")
     if pid is not None:
         for a in annotations:
@@ -195,7 +195,7 @@ def labelstudio_report(tasks: list[dict], accept_iou: float = 0.99) -> dict:
         counts["compared"] += 1
         for prediction in predictions:
             version = str(prediction.get("model_version") or "(none)")
-            annotation = _pick_annotation(annotations, prediction)
+            annotation = pick_annotation(annotations, prediction)
             where = f"task {tid}"
             pred = labelstudio_regions(prediction.get("result") or [], where + " prediction")
             ann = labelstudio_regions(annotation.get("result") or [], where + " annotation")
