@@ -398,6 +398,7 @@ def render_metrics(conn: redis.Redis, jobs: q.JobQueue, cache_conn: redis.Redis 
         ("hybridgl_job_failures_total", "jobs_failed", "Jobs that failed for bad input."),
         ("hybridgl_warmups_skipped_total", "warmups_skipped", "Warm-ups skipped: the cache was full of recently used entries."),
         ("hybridgl_warmups_not_enqueued_total", "warmups_not_enqueued", "Imported tasks not warmed: beyond the cache's room or HYBRIDGL_WARMUP_PER_IMPORT."),
+        ("hybridgl_images_prefetched_total", "images_prefetched", "Jobs whose image their worker had fetched while the previous job ran (HYBRIDGL_PREFETCH)."),
         ("hybridgl_index_oom_retries_total", "index_oom_retries", "Jobs out of memory that emptied the worker's index cache and tried again."),
     ):
         metric(name, "counter", help_text, [({}, counters.get(key, 0.0))])

@@ -40,6 +40,7 @@ from backend.jobspec import (  # noqa: F401 - re-exported
     tier,
 )
 
+WAIT_BLOCK_SECONDS = 2.0  # longest single blocking read while waiting for job results
 RETRY_INTERVALS = [2, 10, 30, 60]  # seconds before each retry; later ones wait as long as the last
 HEARTBEATS_TO_DEATH = 3  # a worker silent for this many heartbeat intervals is taken as dead
 # A job that ended without an answer (failed, stopped, canceled) is replaced by the next enqueue of its id.
@@ -181,9 +182,10 @@ class JobQueue:
             remaining = deadline - time.monotonic()
             if not pending or remaining <= 0:
                 break
-            # Wakes on the next result entry of any pending job (a retried job's failure included).
+            # Wakes on the next result entry of any pending job (a retried job's failure included). Blocks
+            # at most WAIT_BLOCK_SECONDS: well inside any client's socket timeout (redis-py's default is 5 s).
             self.conn.xread({Result.get_key(j): seen[Result.get_key(j)] for j in pending},
-                            block=max(1, int(min(remaining, 5.0) * 1000)), count=1)
+                            block=max(1, int(min(remaining, WAIT_BLOCK_SECONDS) * 1000)), count=1)
         for job_id in pending:
             outcomes[job_id] = JobOutcome(job_id, "pending")
         return outcomes

@@ -26,6 +26,7 @@ from backend.labeling import LabelConfigError, parse_label_config
 from backend.labelstudio import CLOUD_SCHEMES, FetchPolicy, LabelStudioClient, LabelStudioError, client_from
 from backend.results import prediction, region_results
 from worker.cache import IndexCache
+from worker.prefetch import Prefetcher
 from worker.hybridgl.images import ImageError, load_image
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ class Runtime:
     conn: redis.Redis
     pipeline: object  # worker.hybridgl.pipeline.HybridGL
     cache: IndexCache
+    prefetch: Prefetcher | None = None  # the next job's image, fetched while this one runs (worker.prefetch)
 
     @classmethod
     def create(cls, settings: ServeSettings | None = None, pipeline=None) -> "Runtime":
@@ -60,7 +62,7 @@ class Runtime:
         cache = IndexCache(pipeline, conn, cache_conn, memory_bytes=settings.memory_index_bytes,
                            index_bytes=settings.index_cache_bytes, embedding_bytes=settings.embedding_cache_bytes,
                            ttl=settings.index_ttl)
-        return cls(settings, conn, pipeline, cache)
+        return cls(settings, conn, pipeline, cache, Prefetcher(prefetch_image) if settings.prefetch else None)
 
     def labelstudio_access(self, payload: dict):
         """(client or None, why there is none): LABEL_STUDIO_URL with LABEL_STUDIO_API_KEY (else /setup's
@@ -148,9 +150,14 @@ def _is_transient(exc: BaseException) -> bool:
                                                                       ConnectionError, TimeoutError))
 
 
-def _load_task_image(rt: Runtime, payload: dict):
-    """(decoded image, Label Studio client); the caller closes the client (None when unknown)."""
+def _load_task_image(rt: Runtime, payload: dict, prefetched: bool = True):
+    """(decoded image, Label Studio client); the caller closes the client (None when unknown).
+    ``prefetched``: take the image the worker fetched while the previous job ran, if it did."""
     client, missing = rt.labelstudio_access(payload)
+    rgb = rt.prefetch.take(payload) if prefetched and rt.prefetch is not None else None
+    if rgb is not None:
+        _count(rt, payload.get("task_id"), "images_prefetched")
+        return rgb, client
     ref = payload["image"]
     fetcher = client
     try:
@@ -176,6 +183,13 @@ def _load_task_image(rt: Runtime, payload: dict):
     if fetcher is not client:
         _close(fetcher)
     return rgb, client
+
+
+def prefetch_image(payload: dict):
+    """The decoded image of a job not yet taken (the prefetch thread; see worker.prefetch)."""
+    rgb, client = _load_task_image(runtime(), payload, prefetched=False)
+    _close(client)
+    return rgb
 
 
 def _close(client) -> None:

@@ -14,7 +14,9 @@ serves its tiers in order (interactive, then batch, then warmup) and, within the
 projects' queues in turn: RQ's round-robin dequeue strategy, applied to the batch queues only (RQ's own
 would rotate the interactive queue behind batch work). It finds the batch queues in RQ's ``rq:queues``
 set before each dequeue and at least every ``DISCOVERY_SECONDS`` while idle, so a project that starts
-its first batch after the worker started is served from its first job on.
+its first batch after the worker started is served from its first job on. As each job starts, it
+looks at the head of the queues in that order and has :mod:`worker.prefetch` fetch that job's image
+meanwhile (HYBRIDGL_PREFETCH).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from rq.scheduler import RQScheduler
 from rq.scripts import release_lock
 from rq.utils import parse_composite_key
 
+from backend import jobspec as js
 from backend import queue as q
 from backend.config import ServeSettings
 
@@ -98,7 +101,7 @@ def run_worker(serve: ServeSettings, method_settings, name: str | None = None, b
     log.info("worker %s ready: model_version %s, queues %s", name, pipeline.model_version, ",".join(serve.queues))
     try:
         while True:
-            worker = FairWorker(serve.queues, connection=conn, name=name)
+            worker = FairWorker(serve.queues, connection=conn, name=name, prefetch=jobs.runtime().prefetch)
             try:
                 worker.work(with_scheduler=False, burst=burst, logging_level="INFO")
                 break
@@ -136,16 +139,22 @@ class FairWorker(SimpleWorker):
     queues of all projects.
     """
 
-    def __init__(self, tiers, connection: redis.Redis, **kwargs):
+    def __init__(self, tiers, connection: redis.Redis, prefetch=None, **kwargs):
         self.tiers = tuple(tiers)
         self._batch_turn: list[str] = []  # batch queues, the next to serve first
+        self.prefetch = prefetch  # worker.prefetch.Prefetcher, or None
         kwargs.setdefault("job_class", q.TrustedJob)  # tests/test_dequeue_order.py runs its own job function
         super().__init__(self._tier_queues(connection, []), connection=connection, serializer=q.SERIALIZER, **kwargs)
 
-    def _tier_queues(self, conn: redis.Redis, batch_names: list[str]) -> list[Queue]:
+    def _order(self, batch_names: list[str]) -> list[str]:
+        """Queue names in dequeue order: the tiers, the batch tier standing for ``batch_names``."""
         names: list[str] = []
         for name in self.tiers:
             names += batch_names if name == q.BATCH else [name]
+        return names
+
+    def _tier_queues(self, conn: redis.Redis, batch_names: list[str]) -> list[Queue]:
+        names = self._order(batch_names)
         # At least one queue to listen on (RQ needs one), before any project has a batch queue.
         return [q.make_queue(n, conn) for n in names or [q.INTERACTIVE]]
 
@@ -164,6 +173,25 @@ class FairWorker(SimpleWorker):
         if reference_queue.name in self._batch_turn:
             self._batch_turn.remove(reference_queue.name)
             self._batch_turn.append(reference_queue.name)
+
+    def execute_job(self, job, queue) -> None:
+        if self.prefetch is not None:
+            self.look_ahead(job.id)
+        super().execute_job(job, queue)
+
+    def look_ahead(self, current_id: str) -> None:
+        """Start fetching the image of the job this worker will most likely take next: the head of the
+        first non-empty queue in its dequeue order (another worker may take it first: one wasted fetch)."""
+        try:
+            for name in self._order(self._batch_turn):  # as the next dequeue will see them
+                head = q.make_queue(name, self.connection).get_job_ids(0, 1)
+                if head and head[0] != current_id:
+                    job = q.fetch_job(head[0], self.connection)
+                    if job.func_name in (js.PREDICT_JOB, js.WARM_JOB) and job.args and isinstance(job.args[0], dict):
+                        self.prefetch.start(job.args[0])
+                    return
+        except Exception as exc:  # noqa: BLE001 - a look-ahead never harms the job at hand
+            log.debug("look-ahead failed: %s", exc)
 
     def dequeue_job_and_maintain_ttl(self, timeout, max_idle_time=None):
         """RQ's dequeue, on freshly discovered queues; an idle worker looks again every DISCOVERY_SECONDS."""
