@@ -70,6 +70,16 @@ class Service:
 
 
 class _QuietHandler(SimpleHTTPRequestHandler):
+    delay = 0.0  # seconds before each answer: a distant or slow image host
+    arrivals: list | None = None  # (path, time.time()) of each request, when a list is given
+
+    def do_GET(self):  # noqa: N802 - http.server's name
+        if self.arrivals is not None:
+            self.arrivals.append((self.path, time.time()))
+        if self.delay:
+            time.sleep(self.delay)  # the slow host itself, not a synchronisation
+        super().do_GET()
+
     def log_message(self, *args) -> None:
         pass
 
@@ -128,9 +138,11 @@ def small_png() -> bytes:
     return buffer.getvalue()
 
 
-def serve_directory(directory: Path) -> tuple[ThreadingHTTPServer, str]:
-    """A threaded HTTP server on 127.0.0.1 serving a folder (a stand-in for any image host)."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(_QuietHandler, directory=str(directory)))
+def serve_directory(directory: Path, delay: float = 0.0, arrivals: list | None = None) -> tuple[ThreadingHTTPServer, str]:
+    """A threaded HTTP server on 127.0.0.1 serving a folder (a stand-in for any image host); it waits
+    ``delay`` seconds before each answer, and records each request in ``arrivals`` when given."""
+    handler = type("Handler", (_QuietHandler,), {"delay": delay, "arrivals": arrivals})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(handler, directory=str(directory)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, f"http://127.0.0.1:{server.server_address[1]}"
 

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import threading
 import time
-from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -18,7 +16,7 @@ from backend import queue as q
 from backend.labeling import parse_label_config
 from worker.prefetch import Prefetcher
 
-from .services import DATA, service_env, start_worker
+from .services import DATA, serve_directory, service_env, start_worker
 
 
 def _payload(image: str, project: str = "9.1700000000") -> dict:
@@ -62,27 +60,12 @@ def test_at_most_two_images_are_held_and_failures_are_left_to_the_job():
     stale.close()
 
 
-class _SlowHost(SimpleHTTPRequestHandler):
-    """Answers each request after DELAY seconds (a distant image host), recording when it arrived."""
-
-    DELAY = 1.0
-    arrivals: list[tuple[str, float]] = []
-
-    def do_GET(self):  # noqa: N802 - http.server's name
-        self.arrivals.append((self.path, time.time()))
-        time.sleep(self.DELAY)  # the slow host itself, not a synchronisation
-        super().do_GET()
-
-    def log_message(self, *args) -> None:
-        pass
-
-
 @pytest.fixture
 def slow_host():
-    _SlowHost.arrivals = []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(_SlowHost, directory=str(DATA)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
+    """An image host that answers each request after 1 s; ``arrivals`` records when each came."""
+    arrivals: list[tuple[str, float]] = []
+    server, url = serve_directory(DATA, delay=1.0, arrivals=arrivals)
+    yield url, arrivals
     server.shutdown()
 
 
@@ -92,12 +75,13 @@ CONFIG = """<View><Image name="image" value="$image"/>
 
 def test_a_worker_fetches_the_next_image_while_it_runs_a_job(tiny_settings, redis_url, clean_redis, slow_host,
                                                              tmp_path):
+    host, arrivals = slow_host
     """Two queued jobs, one worker: the second job's image is requested while the first job runs (before
     it ends), once, and the second job takes it from the prefetch."""
     conn = clean_redis
     jobs = q.JobQueue(conn)
     digest = js.store_label_config(conn, CONFIG)
-    specs = [js.prediction_job(model_version="v1", project="9.1700000000", task_id=task, image=f"{slow_host}/{name}",
+    specs = [js.prediction_job(model_version="v1", project="9.1700000000", task_id=task, image=f"{host}/{name}",
                                expressions=[{"text": "the dog", "label": "Dog"}], clicks=[],
                                config=parse_label_config(CONFIG), config_digest=digest, interactive=False,
                                origin="test")
@@ -111,7 +95,7 @@ def test_a_worker_fetches_the_next_image_while_it_runs_a_job(tiny_settings, redi
         worker.stop()
     assert [o.status for o in outcomes.values()] == ["finished", "finished"], outcomes
     first = q.fetch_job(specs[0].job_id, conn)
-    requested = {path: at for path, at in _SlowHost.arrivals}
-    assert sorted(p for p, _ in _SlowHost.arrivals) == ["/dog.jpg", "/groceries.jpg"]  # each image once
+    requested = dict(arrivals)
+    assert sorted(p for p, _ in arrivals) == ["/dog.jpg", "/groceries.jpg"]  # each image once
     assert requested["/groceries.jpg"] < first.ended_at.timestamp()  # while the first job ran
     assert q.metrics(conn).get("images_prefetched") == 1
