@@ -1,6 +1,6 @@
 """Where image downloads may go: the host allow-list, the address guard, and pinned connections.
 
-Light (httpx only); :mod:`backend.labelstudio` applies it to every hop of an image download.
+Light (httpx only); :mod:`backend.imagefetch` applies it to every hop of an image download.
 
 - :class:`FetchPolicy` says which hosts besides Label Studio's own may serve images.
 - :func:`blocked_address` says why an address may not be connected to. Cloud metadata services
@@ -53,7 +53,7 @@ class ResolveFailed(Exception):
 
 @dataclass(frozen=True)
 class FetchPolicy:
-    """What :meth:`backend.labelstudio.LabelStudioClient.fetch_image` may download.
+    """What :meth:`backend.imagefetch.ImageFetcher.fetch` may download.
 
     allowed_hosts: hosts besides Label Studio's own that images may come from: exact names
         ("cdn.example.com", "10.1.2.3"), wildcards ("*.example.com", subdomains only), optionally

@@ -791,3 +791,128 @@ def test_bad_label_studio_url():
     with pytest.raises(LabelStudioError) as info:
         LabelStudioClient("http://admin:pw@ls:8080", LEGACY)
     assert "pw" not in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# the API through label-studio-sdk (an in-process Label Studio: httpx.MockTransport)
+
+
+class FakeApi:
+    """Label Studio's JSON API under a path prefix (``http://ls.test/ls``), recording every request."""
+
+    def __init__(self, tasks: int = 5):
+        self.requests: list[httpx.Request] = []
+        self.tasks = [{"id": i, "data": {"image": f"/data/upload/1/{i}.png"}, "meta": {}, "total_annotations": 0,
+                       "cancelled_annotations": 0, "total_predictions": 0, "predictions_model_versions": ""}
+                      for i in range(1, tasks + 1)]
+        self.answers: dict[str, httpx.Response] = {}
+        self.access = fake_jwt({"token_type": "access", "exp": int(time.time()) + 3600, "jti": "access-SECRET"})
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        path = request.url.path
+        if path in self.answers:
+            return self.answers[path]
+        if path == "/ls/api/token/refresh/":
+            assert json.loads(request.content) == {"refresh": PAT}
+            return httpx.Response(200, json={"access": self.access})
+        if request.headers.get("authorization") != f"Bearer {self.access}":
+            return httpx.Response(401, json={"detail": "Authentication credentials were not provided."})
+        if path == "/ls/api/projects/7/":
+            return httpx.Response(200, json={"id": 7, "label_config": "<View/>", "created_at": "2024-05-06T07:08:09.123456Z"})
+        if path == "/ls/api/tasks/":
+            params = request.url.params
+            page, size = int(params["page"]), int(params["page_size"])
+            tasks = self.tasks
+            if "query" in params:
+                included = json.loads(params["query"])["selectedItems"]["included"]
+                tasks = [t for t in tasks if t["id"] in included]
+            tasks = sorted(tasks, key=lambda t: -t["id"])  # Label Studio's order is not ours
+            if (page - 1) * size >= len(tasks) and page > 1:
+                return httpx.Response(404, json={"detail": "Invalid page."})
+            return httpx.Response(200, json={"tasks": tasks[(page - 1) * size: page * size], "total": len(tasks)})
+        return httpx.Response(404, json={"detail": "Not found."})
+
+    def api_requests(self) -> list[httpx.Request]:
+        return [r for r in self.requests if r.url.path != "/ls/api/token/refresh/"]
+
+
+def test_api_calls_go_through_the_sdk_keeping_a_path_prefix():
+    api = FakeApi()
+    with LabelStudioClient("http://ls.test/ls", PAT, transport=httpx.MockTransport(api)) as client:
+        project = client.project(7)
+        assert project["created_at"] == "2024-05-06T07:08:09.123456Z"  # Label Studio's JSON, not the SDK's model
+        assert [r.url.path for r in api.requests] == ["/ls/api/token/refresh/", "/ls/api/projects/7/"]
+        assert "authorization" not in api.requests[0].headers  # the PAT goes in the body
+        # the SDK made the call (its User-Agent), with the access token it cached
+        assert api.requests[1].headers["user-agent"].startswith("label_studio_sdk/")
+        assert client.auth_headers() == {"Authorization": f"Bearer {api.access}"}
+        assert len(api.requests) == 2
+
+
+def test_tasks_are_paged_lazily_in_id_order():
+    api = FakeApi(tasks=5)
+    with LabelStudioClient("http://ls.test/ls", PAT, transport=httpx.MockTransport(api)) as client:
+        tasks = client.tasks(7, page_size=2)
+        first = next(tasks)
+        assert first["id"] == 4  # page 1 is tasks 5 and 4: sorted by id
+        assert len(api.api_requests()) == 1  # lazily: one page so far
+        rest = list(tasks)
+        assert [t["id"] for t in [first, *rest]] == [4, 5, 2, 3, 1]
+        assert first == dict(api.tasks[3])  # the dict Label Studio sent, every field as it was
+        pages = [r.url.params for r in api.api_requests()]
+        assert [p["page"] for p in pages] == ["1", "2", "3"]  # the short page ends it: no fourth request
+        assert {p["fields"] for p in pages} == {"all"}
+        assert pages[0]["include"] == ",".join(LabelStudioClient.TASK_FIELDS) and pages[0]["project"] == "7"
+        assert all(r.headers["user-agent"].startswith("label_studio_sdk/") for r in api.api_requests())
+
+        api.requests.clear()
+        assert [t["id"] for t in client.tasks(7, task_ids=[5, 1, 3, 99], page_size=2)] == [1, 3, 5]
+        queries = [json.loads(r.url.params["query"]) for r in api.api_requests()]
+        assert queries == [{"selectedItems": {"all": False, "included": [1, 3]}},  # `total` reached: one page
+                           {"selectedItems": {"all": False, "included": [5, 99]}}]
+
+        api.tasks = api.tasks[:4]  # a full last page: the 404 past it ends the listing
+        assert [t["id"] for t in client.tasks(7, page_size=2)] == [3, 4, 1, 2]
+
+
+def test_api_answers_that_are_not_what_we_expect(secrets):
+    api = FakeApi()
+    with LabelStudioClient("http://ls.test/ls", PAT, transport=httpx.MockTransport(api)) as client:
+        api.answers["/ls/api/projects/7/"] = httpx.Response(302, headers={"Location": "https://ls.test/ls/api/projects/7/"})
+        exc = raises(LabelStudioError, client.project, secrets, 7)
+        assert exc.status == 302 and "redirected" in str(exc) and "https://ls.test" in str(exc)
+        assert "LABEL_STUDIO_URL" in str(exc) and not exc.transient
+        api.answers["/ls/api/projects/7/"] = httpx.Response(200, text="<html>hello</html>")
+        exc = raises(LabelStudioError, client.project, secrets, 7)
+        assert "not JSON" in str(exc) and "LABEL_STUDIO_URL" in str(exc)
+        api.answers["/ls/api/projects/7/"] = httpx.Response(200, json=[1, 2])
+        assert "not a project" in str(raises(LabelStudioError, client.project, secrets, 7))
+        api.answers["/ls/api/tasks/"] = httpx.Response(200, json=[{"id": 1}])
+        assert "not a task list" in str(raises(LabelStudioError, lambda: list(client.tasks(7)), secrets))
+        api.answers["/ls/api/tasks/"] = httpx.Response(404, json={"detail": "Not found."})
+        exc = raises(LabelStudioError, lambda: list(client.tasks(7)), secrets)
+        assert exc.status == 404 and "LABEL_STUDIO_URL" in str(exc)  # page 1 is not past the end
+        api.answers["/ls/api/tasks/"] = httpx.Response(503, text="busy")
+        exc = raises(LabelStudioError, lambda: list(client.tasks(7)), secrets)
+        assert exc.status == 503 and exc.transient and exc.unreachable
+        assert len([r for r in api.requests if r.url.path == "/ls/api/tasks/"]) == 3  # no retries in the SDK
+
+
+@pytest.mark.parametrize("status, words", [(404, ["/api/token/refresh/", "legacy token"]),
+                                           (401, ["refused the personal access token", "LABEL_STUDIO_API_KEY"]),
+                                           (500, ["HTTP 500"])])
+def test_token_exchange_failures(secrets, status, words):
+    api = FakeApi()
+    api.answers["/ls/api/token/refresh/"] = httpx.Response(status, json={"detail": "no"})
+    with LabelStudioClient("http://ls.test/ls", PAT, transport=httpx.MockTransport(api)) as client:
+        exc = raises(LabelStudioError, client.project, secrets, 7)
+        for word in words:
+            assert word in str(exc)
+        assert exc.status == status and exc.transient == (status == 500)
+        exc = raises(ImageFetchError, client.fetch_image, secrets, "/data/upload/1/a.png")
+        assert exc.status == status
+    assert [r.url.path for r in api.requests] == ["/ls/api/token/refresh/"] * 2  # the image was not asked for
+    api.answers["/ls/api/token/refresh/"] = httpx.Response(200, text="not json")
+    with LabelStudioClient("http://ls.test/ls", PAT, transport=httpx.MockTransport(api)) as client:
+        assert "without an access token" in str(raises(LabelStudioError, client.project, secrets, 7))

@@ -222,3 +222,40 @@ def test_label_studio_dies_with_a_killed_parent(tmp_path: Path) -> None:
         time.sleep(0.1)
     os.killpg(pid, signal.SIGKILL)
     pytest.fail(f"Label Studio (pid {pid}) outlived its killed parent")
+
+
+def test_personal_access_token_goes_through_the_sdk(ls: LabelStudio, dog_task: dict[str, Any]) -> None:
+    """backend.labelstudio with a real personal access token: label-studio-sdk exchanges it at
+    /api/token/refresh/ and makes the API calls with the access token; the image fetch uses the
+    same access token."""
+    from backend.labelstudio import FetchPolicy, LabelStudioClient
+
+    pat = ls.api("POST", "/api/token/")["token"]  # a fresh data dir: the user has none yet
+    sent: list[tuple[str, str, str, str]] = []
+
+    class Recording(httpx.HTTPTransport):
+        def handle_request(self, request: httpx.Request) -> httpx.Response:
+            sent.append((request.method, request.url.path, request.headers.get("authorization", ""),
+                         request.headers.get("user-agent", "")))
+            return super().handle_request(request)
+
+    project_id, task_id = dog_task["project"]["id"], dog_task["task_id"]
+    with LabelStudioClient(ls.url, pat, FetchPolicy(timeout=60), transport=Recording()) as client:
+        project = client.project(project_id)
+        assert project["label_config"] == ls.project(project_id)["label_config"]
+        assert isinstance(project["created_at"], str)  # Label Studio's JSON, as prelabel keys projects by it
+        [task] = client.tasks(project_id)
+        assert task["id"] == task_id and task["data"]["image"] == dog_task["url"]
+        assert client.fetch_image(task["data"]["image"], task_id) == (DATA / "dog.jpg").read_bytes()
+        width, height = Image.open(DATA / "dog.jpg").size
+        client.create_prediction(task_id, [brush_result(width, height)], 0.25, "pat-1")
+        assert client.has_prediction(task_id, "pat-1")
+    assert [s[0] for s in sent if s[1] == "/api/token/refresh/"] == ["POST"]  # exchanged once, cached
+    assert [s[2] for s in sent if s[1] == "/api/token/refresh/"] == [""]  # the PAT goes in the body
+    api = [s for s in sent if s[1].startswith("/api/") and s[1] != "/api/token/refresh/"]
+    assert len(api) == 4
+    access = api[0][2]
+    assert access.startswith("Bearer ") and pat not in access
+    assert all(auth == access and agent.startswith("label_studio_sdk/") for _, _, auth, agent in api)
+    [image] = [s for s in sent if s[1].startswith("/data/")]
+    assert image[2] == access and image[3] == "hybridgl-labelstudio"

@@ -22,8 +22,9 @@ from backend import delivery
 from backend import jobspec as js
 from backend import queue as q
 from backend.config import ServeSettings
+from backend.imagefetch import CLOUD_SCHEMES, ImageFetcher
 from backend.labeling import LabelConfigError, parse_label_config
-from backend.labelstudio import CLOUD_SCHEMES, FetchPolicy, LabelStudioClient, LabelStudioError, client_from
+from backend.labelstudio import FetchPolicy, LabelStudioError, client_from
 from backend.results import prediction, region_results
 from worker.cache import IndexCache
 from worker.prefetch import Prefetcher
@@ -165,9 +166,11 @@ def _load_task_image(rt: Runtime, payload: dict, prefetched: bool = True):
             if _needs_labelstudio(ref):
                 raise _fail(f"cannot fetch {ref[:200]!r}: {missing}")
             # Absolute URLs: allow-listed hosts need no Label Studio; other schemes are refused with their reason.
-            fetcher = LabelStudioClient("", "", rt.fetch_policy(),
-                                        transport=DeadlineTransport(rt.settings.image_fetch_timeout))
-        data = fetcher.fetch_image(ref, payload.get("task_id"))
+            fetcher = ImageFetcher("", None, rt.fetch_policy(),
+                                   transport=DeadlineTransport(rt.settings.image_fetch_timeout))
+            data = fetcher.fetch(ref, payload.get("task_id"))
+        else:
+            data = fetcher.fetch_image(ref, payload.get("task_id"))
         rgb = load_image(data, max_pixels=rt.settings.image_max_pixels)
     except LabelStudioError as exc:
         _close(fetcher)
