@@ -102,13 +102,16 @@ def measure(ls, env: dict, workers: int, threads: int, count: int, side: int, re
         prelabel(env, warm, work)
         one_prediction_each(ls, warm_ids)
         project, ids = make_project(ls, f"bench {label}", count, side, label, host)
+        conn = redis.Redis.from_url(redis_url)
+        prefetched = float(conn.hget("hybridgl:metrics", "images_prefetched") or 0)
         wall = time.perf_counter()
         summary = prelabel(env, project, work)
         wall = time.perf_counter() - wall
         one_prediction_each(ls, ids)
         if summary["predicted"] != count:
             raise RuntimeError(f"predicted {summary['predicted']} of {count}: {summary}")
-        return {"workers": workers, "threads": threads, "prefetch": prefetch, "seconds": summary["seconds"], "wall": wall,
+        prefetched = float(conn.hget("hybridgl:metrics", "images_prefetched") or 0) - prefetched
+        return {"workers": workers, "threads": threads, "prefetch": prefetch, "prefetched": int(prefetched), "seconds": summary["seconds"], "wall": wall,
                 "per_minute": summary["images_per_minute"], "load": os.getloadavg()[0]}
     finally:
         for service in services:
@@ -118,7 +121,8 @@ def measure(ls, env: dict, workers: int, threads: int, count: int, side: int, re
 def report(result: dict, tasks: int) -> None:
     print(f"  {result['workers']} worker(s) x {result['threads']} torch thread(s), prefetch "
           f"{'on' if result['prefetch'] else 'off'}: {result['per_minute']:.1f} images/minute ({tasks} images in "
-          f"{result['seconds']:.1f} s; command wall time {result['wall']:.1f} s) [{result['load']:.1f}]")
+          f"{result['seconds']:.1f} s, {result['prefetched']} of them prefetched; command wall time {result['wall']:.1f} s) "
+          f"[{result['load']:.1f}]")
 
 
 def main() -> int:
