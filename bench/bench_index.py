@@ -39,7 +39,13 @@ from worker.hybridgl.image_index import ImageIndex  # noqa: E402
 from worker.hybridgl.models import pick_dtype  # noqa: E402
 from worker.hybridgl.pipeline import HybridGL  # noqa: E402
 from worker.hybridgl.proposals import PRESETS  # noqa: E402
-from worker.hybridgl.regions import compose_views_full, mask_weights, plain_hybrid_features  # noqa: E402
+from worker.hybridgl.regions import (  # noqa: E402
+    ViewBuilder,
+    compose_views_full,
+    hybrid_features,
+    mask_weights,
+    plain_hybrid_features,
+)
 from worker.hybridgl.settings import Settings  # noqa: E402
 from worker.weights_command import OPENAI_CLIP, prepare_test_weights  # noqa: E402
 
@@ -79,6 +85,28 @@ def plain_index(pipeline: HybridGL, rgb: np.ndarray, timings: dict) -> ImageInde
     timings.update(proposals=t1 - t0, views=t2 - t1, regions=t3 - t2, gem=t4 - t3)
     return ImageIndex(key="plain", image_size=rgb.shape[:2], masks=masks, boxes=boxes_from_masks(masks),
                       features=feats, gem_features=gem)
+
+
+def roofline(pipeline: HybridGL, rgb: np.ndarray, masks: torch.Tensor, seconds: float) -> None:
+    """How close the fp32 region features come to this CPU's fp32 matmul rate: their floating-point
+    operations (counted by torch) per second of the measured step, against one large matmul's."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    s, visual = pipeline.settings, pipeline.models.clip.visual
+    local, global_ = ViewBuilder(rgb, s.view_size, s.blur_kernel, s.normalization).views(masks)
+    weights = mask_weights(masks, visual.grid_size[0])
+    with FlopCounterMode(display=False) as counter:
+        hybrid_features(visual, local, global_, weights, s.masking_block, s.fusion_weight, torch.float32)
+    flops = counter.get_total_flops()
+    a, b = torch.randn(4096, 768), torch.randn(768, 3072)  # one MLP projection's shape for 21 views
+    a @ b
+    start, repeats = time.perf_counter(), 10
+    for _ in range(repeats):
+        a @ b
+    peak = 2 * 4096 * 768 * 3072 * repeats / (time.perf_counter() - start)
+    print(f"\nfp32 region features: {flops / 1e9:.0f} GFLOP (matmuls and attention, counted by torch) in "
+          f"{seconds:.2f} s = {flops / seconds / 1e9:.0f} GFLOP/s; this CPU's fp32 matmul (4096x768 @ 768x3072): "
+          f"{peak / 1e9:.0f} GFLOP/s -> {100 * flops / seconds / peak:.0f} % of it")
 
 
 def fmt(timings: dict) -> str:
@@ -170,6 +198,8 @@ def main() -> int:
         print(f"index: plain {plain_total:.1f} s, ours {ours_total:.1f} s -> {plain_total / ours_total:.2f}x "
               f"(target >= 3x)")
         print(f"query p50 / index build: {100 * p50 / ours_total:.2f} % (target <= 1 %)")
+    if "fp32" in ours:
+        roofline(ours["fp32"], rgb, indexes["fp32"].masks, statistics.median(r["regions"] for r in our_runs["fp32"]))
     print(f"\nload average at the end: {os.getloadavg()[0]:.1f} ({os.cpu_count()} cores)")
     return 0
 
