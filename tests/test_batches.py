@@ -43,9 +43,9 @@ def _batch(conn: redis.Redis, project: str, tasks, kind: str = batches.PRELABEL)
 
 
 def test_cancel_leaves_what_another_live_batch_holds_and_other_projects(conn):
-    run, run_jobs = _batch(conn, "5", range(1, 6))
+    run, run_jobs = _batch(conn, "5.1700000000", range(1, 6))  # prelabel keys it as /predict does
     retrieve, _ = _batch(conn, "5.1700000000", range(3, 8), batches.PREDICT)  # joins tasks 3-5, adds 6-7
-    other, other_jobs = _batch(conn, "6", range(1, 4))
+    other, other_jobs = _batch(conn, "6.1700000000", range(1, 4))
     assert batches.cancel(conn, run, result_ttl=60) == 2  # tasks 1-2: 3-5 are the Retrieve's too
     state = batches.state(conn, run)
     assert (state.queued, state.canceled, state.state) == (3, 2, "active")
@@ -55,7 +55,7 @@ def test_cancel_leaves_what_another_live_batch_holds_and_other_projects(conn):
     assert Queue(js.batch_queue("6"), connection=conn).get_job_ids() == other_jobs
     assert batches.state(conn, other).queued == 3
     # A canceled job is enqueued again by the next run.
-    _, again = _batch(conn, "5", [1])
+    _, again = _batch(conn, "5.1700000000", [1])
     assert again == run_jobs[:1] and Queue(js.batch_queue("5"), connection=conn).get_job_ids() == again
 
 
