@@ -140,7 +140,7 @@ def test_killed_worker_job_without_retries_fails_with_reason_then_rerun(ls, faul
         job_id = _job_running_on(faults, doomed)
         doomed.stop(signal.SIGKILL)
         wait_for(lambda: _health_mentions(faults, "no worker is running"), 60, "/health to report no worker")
-        _worker(faults, "replacement")
+        replacement = _worker(faults, "replacement")
         assert run.wait() == 1, run.output()
     finally:
         run.kill()
@@ -154,6 +154,7 @@ def test_killed_worker_job_without_retries_fails_with_reason_then_rerun(ls, faul
     code, out = _rerun(faults, project)
     assert code == 0, out
     _one_prediction_each(ls, faults, ids)
+    replacement.stop()
 
 
 def _rerun(faults, project: int) -> tuple[int, str]:
@@ -235,6 +236,8 @@ def test_image_too_big_for_the_memory_budget_fails_alone_then_rerun_with_more_me
     project = ls.create_project("faults memory", CONFIG)["id"]
     ls.add_local_storage(project)
     ids = ls.import_tasks(project, _tasks(ls, [big, *small]))  # the big one first: the others run after it
+    for earlier in faults["workers"]:  # the tight worker alone takes the jobs (no other worker has the cap)
+        earlier.stop()
     tight = _worker(faults, "tight", HYBRIDGL_JOB_MEMORY="3000")
     run = Background(faults, tmp_path, project)
     try:
