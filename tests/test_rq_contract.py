@@ -70,6 +70,44 @@ def test_the_reaper_reads_the_running_workers_name(conn, redis_url):
     assert worker.exitcode == 0
 
 
+class _DiesBeforeStarting(SimpleWorker):
+    """A real RQ worker that stops between RQ's two steps of taking a job: the execution is recorded (the
+    job is in the started registry under this worker's name) but the job is not yet marked STARTED.
+    The test SIGKILLs it there, as the OOM killer or a lost host may."""
+
+    def perform_job(self, job, queue, execution):
+        self.connection.rpush("contract:taken", "1")
+        self.connection.blpop(["contract:never"], timeout=120)
+        return super().perform_job(job, queue, execution)
+
+
+def _work_and_die(url: str) -> None:
+    conn = redis.Redis.from_url(url)
+    _DiesBeforeStarting([Queue(BATCH_QUEUE, connection=conn)], connection=conn, name=WORKER).work(burst=True)
+
+
+def test_a_job_whose_worker_died_before_starting_it_goes_back_to_its_queue(conn, redis_url):
+    """RQ retries only STARTED jobs of a dead worker: this one would stay 'queued' in no queue, and every
+    request for it would join it and wait forever (seen in tests/test_e2e_race.py)."""
+    queue = Queue(BATCH_QUEUE, connection=conn)
+    job = queue.enqueue(hold, "contract:started", "contract:release", job_timeout=120)
+    later = queue.enqueue(hold, "contract:started", "contract:release", job_timeout=120)
+    worker = multiprocessing.get_context("spawn").Process(target=_work_and_die, args=(redis_url,))
+    worker.start()
+    try:
+        assert conn.blpop(["contract:taken"], timeout=120), "the worker never took the job"
+        assert job.get_status(refresh=True) == "queued" and queue.get_job_ids() == [later.id]
+        assert conn.zcard(StartedJobRegistry(BATCH_QUEUE, connection=conn).key) == 1
+    finally:
+        worker.kill()
+        worker.join(60)
+    assert reap_dead_workers_jobs(conn) == [job.id]
+    assert queue.get_job_ids() == [job.id, later.id]  # at the front: it was next
+    assert job.get_status(refresh=True) == "queued"
+    conn.delete(f"{js.PREFIX}:reaper")
+    assert reap_dead_workers_jobs(conn) == [] and queue.get_job_ids() == [job.id, later.id]  # once only
+
+
 def test_scheduler_locks_have_one_owner_who_alone_releases_them(conn):
     first = RQScheduler([BATCH_QUEUE], connection=conn, name="first")
     second = RQScheduler([BATCH_QUEUE], connection=conn, name="second")

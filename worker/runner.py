@@ -229,9 +229,21 @@ def limit_memory(job_mib: int) -> None:
              limit // 2**20, held // 2**20)
 
 
+# A job RQ had recorded as running on a worker (its execution) but not yet marked STARTED: the worker
+# died between RQ's two steps. RQ's abandoned-job handling skips such a job (only STARTED ones are
+# retried), which would leave it "queued" in no queue, forever joined by every later request for it.
+_REQUEUE_UNSTARTED = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'queued' then return 0 end
+if redis.call('LPOS', KEYS[2], ARGV[1]) then return 0 end
+redis.call('LPUSH', KEYS[2], ARGV[1])
+return 1
+"""
+
+
 def reap_dead_workers_jobs(conn: redis.Redis) -> list[str]:
     """Hand the started jobs of workers whose registration expired to RQ's abandoned-job handling
-    (retry, or fail when no retry is left). Returns the job ids handed over."""
+    (retry, or fail when no retry is left); a job the dead worker had taken but not yet started goes back
+    to the front of its queue. Returns the job ids handed over."""
     if not conn.set(f"{q.PREFIX}:reaper", "1", nx=True, ex=REAPER_LOCK_SECONDS):
         return []  # another worker is reaping now
     alive = {w.get("name") for w in q.live_workers(conn)}
@@ -252,6 +264,12 @@ def reap_dead_workers_jobs(conn: redis.Redis) -> list[str]:
         if expired:
             conn.zadd(registry.key, expired, xx=True)
             registry.cleanup()
+            queue_key = q.make_queue(queue_name, conn).key
+            for entry in expired:
+                job_id = parse_composite_key(entry.decode())[0]
+                if conn.eval(_REQUEUE_UNSTARTED, 2, q.TrustedJob.key_for(job_id), queue_key, job_id):
+                    log.warning("job %s was taken by a worker that died before starting it: back in %s", job_id,
+                                queue_name)
     for queue_name in queue_names:  # a dead worker's scheduler lock: free it now rather than in a minute
         key = RQScheduler.get_locking_key(queue_name)
         holder = conn.get(key)
