@@ -3,13 +3,15 @@ a real backend and two real workers: exactly one prediction per task afterwards.
 
 Each round, on a new project of 20 tasks: three *Retrieve Predictions* on all the tasks pressed at
 once, every task opened (Label Studio's task API asks the backend for a task without predictions),
-`hybridgl prelabel` on the project, and one worker SIGKILLed while it runs one of the jobs. The
+`hybridgl prelabel` on the project, and one worker SIGKILLed while it runs one of the jobs (the drawn
+one, or the other when the drawn one is idle). The
 moments at which each party starts are drawn from a seeded generator; each round prints its seed,
 those moments and what the ledger decided, so that a failing timing can be replayed. The short
 sleeps only place those moments; every wait for an outcome polls Label Studio or Redis.
 
-Lean on purpose (the suite's time limit): the tiny CLIP, two half-size photos shared by the tasks
-(their indexes are built once), one module-scoped Label Studio, backend and Redis.
+Lean on purpose (the suite's time limit): the tiny CLIP, two half-size photos shared by the tasks (one
+the same every round, its index built once; one new each round, whose index is built while the kill
+comes), one module-scoped Label Studio, backend and Redis.
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ import pytest
 import redis
 from rq import Worker
 
+from backend import delivery
+from backend import jobspec as js
+
 from .services import REPO, service_env, start_backend, start_worker, wait_for
 from .test_e2e_labelstudio import _drain, ls  # noqa: F401 - module fixture: a real Label Studio
 from .test_prelabel import CONFIG, RUN_TIMEOUT, _image, _tasks
@@ -43,8 +48,7 @@ def race(ls, tiny_settings, redis_url, tmp_path_factory):  # noqa: F811
     env = service_env(tiny_settings, redis_url, LABEL_STUDIO_URL=ls.url, LABEL_STUDIO_API_KEY=ls.token,
                       HYBRIDGL_WORKER_HEARTBEAT="1", HYBRIDGL_BATCH_BUDGET="2")
     backend, url = start_backend(env, logs)
-    images = [_image(ls, base, "race") for base in ("dog.jpg", "groceries.jpg")]
-    state = {"env": env, "url": url, "logs": logs, "images": images, "workers": {}}
+    state = {"env": env, "url": url, "logs": logs, "workers": {}}
     yield state
     for worker in state["workers"].values():
         worker.stop()
@@ -73,7 +77,11 @@ def test_everyone_at_once_leaves_one_prediction_per_task(ls, race, redis_url, se
     project = ls.create_project(f"race {seed}", CONFIG)
     ls.add_local_storage(project["id"])
     ls.connect_ml_backend(project["id"], race["url"], is_interactive=True)
-    ids = ls.import_tasks(project["id"], _tasks(ls, [race["images"][k % 2] for k in range(TASKS)]))
+    # One photo shared by the rounds and one new each round: tasks of the first are answered within the
+    # budget once its index is cached, the new one's index is built during the round, so a worker is busy
+    # for seconds (a round on cached indexes only could end before the kill, with no job to kill one in).
+    images = [_image(ls, "dog.jpg", "race"), _image(ls, "groceries.jpg", f"race-{seed}")]
+    ids = ls.import_tasks(project["id"], _tasks(ls, [images[k % 2] for k in range(TASKS)]))
     plan = {"retrieve": [round(rng.uniform(0, 0.3), 3) for _ in range(3)],
             "open": [round(rng.uniform(0, 0.15), 3) for _ in ids], "open_order": rng.sample(ids, len(ids)),
             "prelabel": round(rng.uniform(0, 1.0), 3), "kill": round(rng.uniform(0.5, 3.0), 3),
@@ -110,11 +118,22 @@ def test_everyone_at_once_leaves_one_prediction_per_task(ls, race, redis_url, se
 
     def kill_one():
         time.sleep(plan["kill"])
-        victim = race["workers"][plan["victim"]]
-        name = victim.log_path.stem
-        wait_for(lambda: _running_job(conn, name) is not None, 300, f"{name} to run a prediction job")
-        killed.append(_running_job(conn, name) or "?")
-        os.kill(victim.process.pid, signal.SIGKILL)
+        # The drawn victim if it runs a prediction job, else the other worker if it does (one may be idle).
+        order = [plan["victim"], 1 - plan["victim"]]
+        busy: list[tuple[int, str]] = []
+
+        def running() -> bool:
+            for n in order:
+                job = _running_job(conn, race["workers"][n].log_path.stem)
+                if job is not None:
+                    busy.append((n, job))
+                    return True
+            return False
+
+        wait_for(running, 300, "a worker to run a prediction job")
+        n, job = busy[-1]
+        killed.append(f"{job} on worker {n}")
+        os.kill(race["workers"][n].process.pid, signal.SIGKILL)
 
     half = len(ids) // 2
     threads = [party(lambda d=d: retrieve(d)) for d in plan["retrieve"]]
@@ -132,7 +151,8 @@ def test_everyone_at_once_leaves_one_prediction_per_task(ls, race, redis_url, se
     _drain(redis_url)
     version = httpx.get(race["url"] + "/health", timeout=5).json()["model_version"]
     found = {t: [p["model_version"] for p in ls.predictions(t)] for t in ids}
-    states = [conn.hget(f"hybridgl:delivery:{project['id']}:{t}:{version}", "state") for t in ids]
+    key = js.project_uid(project)  # the ledger's key of the project, as /predict's body names it
+    states = [conn.hget(delivery.entry_key(key, t, version), "state") for t in ids]
     print(f"seed {seed}: plan {plan}; killed while running {killed}; ledger "
           f"{sorted((s or b'-').decode() for s in states)}")
     assert found == {t: [version] for t in ids}
