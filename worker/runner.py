@@ -174,10 +174,12 @@ class FairWorker(SimpleWorker):
             self._batch_turn.remove(reference_queue.name)
             self._batch_turn.append(reference_queue.name)
 
-    def execute_job(self, job, queue) -> None:
+    def prepare_job_execution(self, job, remove_from_intermediate_queue: bool = False) -> None:
+        super().prepare_job_execution(job, remove_from_intermediate_queue)
+        # Once RQ has marked the job STARTED: a worker that dies from here on has its job retried. Between
+        # the dequeue and that mark, the job is in no queue, and that window is RQ's to keep short.
         if self.prefetch is not None:
             self.look_ahead(job.id)
-        super().execute_job(job, queue)
 
     def look_ahead(self, current_id: str) -> None:
         """Start fetching the image of the job this worker will most likely take next: the head of the
