@@ -108,6 +108,21 @@ def _hostport(url: httpx.URL) -> str:
     return f"{url.host}:{url.port}" if url.port else url.host
 
 
+def transport_failure(exc: Exception, doing: str, where: str, within: str, at_labelstudio: bool) -> tuple[str, bool]:
+    """What a request that got no answer means, for the image fetch and the API client alike:
+    (message, transient). ``within`` says the time allowed (and which setting gives it)."""
+    detail = str(exc) or type(exc).__name__
+    if isinstance(exc, httpx.TimeoutException):
+        return f"cannot {doing}: {where} did not answer within {within} ({type(exc).__name__}); retry later", True
+    if isinstance(exc, httpx.ConnectError) and ("CERTIFICATE" in detail.upper() or "SSL" in detail.upper()):
+        return (f"cannot {doing}: TLS with {where} failed ({detail}); check its certificate or point SSL_CERT_FILE "
+                "at your CA bundle"), False
+    if isinstance(exc, (httpx.UnsupportedProtocol, httpx.LocalProtocolError, httpx.InvalidURL)):
+        return f"cannot {doing}: invalid request to {where} ({detail})", False
+    hint = f"; is Label Studio running and is {ENV_URL} right?" if at_labelstudio else "; retry later"
+    return f"cannot {doing}: {where} is unreachable ({detail}){hint}", True
+
+
 def _decoded(value: str) -> str:
     """Percent-decode until stable (catches %252e%252e)."""
     for _ in range(5):
@@ -352,21 +367,11 @@ class ImageFetcher:
         raise AssertionError("unreachable")
 
     def _transport_error(self, exc: Exception, url: httpx.URL) -> LabelStudioError:
-        doing = f"fetch {self._describe(url)}"
-        where = "Label Studio at " + self.url if self._is_ls(url) else _hostport(url)
-        detail = str(exc) or type(exc).__name__
-        if isinstance(exc, httpx.TimeoutException):
-            return self._error(ImageFetchError, f"cannot {doing}: {where} did not answer within "
-                               f"{self.policy.timeout:g} s ({ENV_TIMEOUT}) ({type(exc).__name__}); retry later",
-                               transient=True, unreachable=self._is_ls(url))
-        if isinstance(exc, httpx.ConnectError) and ("CERTIFICATE" in detail.upper() or "SSL" in detail.upper()):
-            return self._error(ImageFetchError, f"cannot {doing}: TLS with {where} failed ({detail}); check its "
-                               "certificate or point SSL_CERT_FILE at your CA bundle")
-        if isinstance(exc, (httpx.UnsupportedProtocol, httpx.LocalProtocolError, httpx.InvalidURL)):
-            return self._error(ImageFetchError, f"cannot {doing}: invalid request to {where} ({detail})")
-        hint = f"; is Label Studio running and is {ENV_URL} right?" if self._is_ls(url) else "; retry later"
-        return self._error(ImageFetchError, f"cannot {doing}: {where} is unreachable ({detail}){hint}",
-                           transient=True, unreachable=self._is_ls(url))
+        at_labelstudio = self._is_ls(url)
+        where = "Label Studio at " + self.url if at_labelstudio else _hostport(url)
+        message, transient = transport_failure(exc, f"fetch {self._describe(url)}", where,
+                                               f"{self.policy.timeout:g} s ({ENV_TIMEOUT})", at_labelstudio)
+        return self._error(ImageFetchError, message, transient=transient, unreachable=transient and at_labelstudio)
 
     def _status_error(self, response: httpx.Response, url: httpx.URL, authed: bool) -> LabelStudioError:
         status = response.status_code

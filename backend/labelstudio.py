@@ -32,7 +32,15 @@ from label_studio_sdk.core.api_error import ApiError
 
 from backend.errors import AccessDenied, ImageFetchError, LabelStudioError
 from backend.fetchpolicy import FetchPolicy
-from backend.imagefetch import CLOUD_SCHEMES, ENV_KEY, ENV_URL, REDIRECT_STATUSES, ImageFetcher, labelstudio_base
+from backend.imagefetch import (
+    CLOUD_SCHEMES,
+    ENV_KEY,
+    ENV_URL,
+    REDIRECT_STATUSES,
+    ImageFetcher,
+    labelstudio_base,
+    transport_failure,
+)
 
 if TYPE_CHECKING:
     from label_studio_sdk import LabelStudio
@@ -241,7 +249,7 @@ class LabelStudioClient:
         except ApiError as exc:
             failure = self._refresh_error(exc)
         except httpx.HTTPError as exc:
-            failure = self._transport_error(exc, self._api_path("/api/token/refresh/"), doing)
+            failure = self._transport_error(exc, doing)
         except _SHAPE_ERRORS:
             # The SDK parses every answer of the exchange as JSON, an error's too, and loses its
             # status when it is not JSON (an HTML 404 from a Label Studio without the endpoint).
@@ -299,7 +307,7 @@ class LabelStudioClient:
                     continue
                 failure = self._api_error(exc, path, params, doing)
             except httpx.HTTPError as exc:
-                failure = self._transport_error(exc, self._api_path(path, params), doing)
+                failure = self._transport_error(exc, doing)
             except _SHAPE_ERRORS:  # JSON, but not the shape the SDK's model expects
                 failure = self._error(f"cannot {doing}: Label Studio answered something that is not {what}")
             break
@@ -349,19 +357,10 @@ class LabelStudioClient:
         return self._error(f"cannot {doing}: {where} answered HTTP {status} for {shown}{self._body_snippet(exc)}",
                            status=status or None)
 
-    def _transport_error(self, exc: Exception, url: httpx.URL, doing: str) -> LabelStudioError:
-        where = "Label Studio at " + self.url
-        detail = str(exc) or type(exc).__name__
-        if isinstance(exc, httpx.TimeoutException):
-            return self._error(f"cannot {doing}: {where} did not answer within {self.policy.timeout:g} s "
-                               f"({type(exc).__name__}); retry later", transient=True, unreachable=True)
-        if isinstance(exc, httpx.ConnectError) and ("CERTIFICATE" in detail.upper() or "SSL" in detail.upper()):
-            return self._error(f"cannot {doing}: TLS with {where} failed ({detail}); check its certificate "
-                               "or point SSL_CERT_FILE at your CA bundle")
-        if isinstance(exc, (httpx.UnsupportedProtocol, httpx.LocalProtocolError, httpx.InvalidURL)):
-            return self._error(f"cannot {doing}: invalid request to {where} ({detail})")
-        return self._error(f"cannot {doing}: {where} is unreachable ({detail}); is Label Studio running and is "
-                           f"{ENV_URL} right?", transient=True, unreachable=True)
+    def _transport_error(self, exc: Exception, doing: str) -> LabelStudioError:
+        message, transient = transport_failure(exc, doing, "Label Studio at " + self.url,
+                                               f"{self.policy.timeout:g} s", at_labelstudio=True)
+        return self._error(message, transient=transient, unreachable=transient)
 
     # ---- projects and tasks
 
