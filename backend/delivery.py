@@ -2,7 +2,8 @@
 
 The unit is (project, task, model_version), the project by its key (``jobspec.project_key``: Label
 Studio's '<id>.<created timestamp>', so that two Label Studio instances sharing the workers never
-share an entry). Label Studio saves every prediction it is given, so two deliveries for one task are two predictions. Three parties may deliver one:
+share an entry). Label Studio saves every prediction it is given, so two deliveries for one task are
+two predictions. Three parties may deliver one:
 - a /predict response (Retrieve Predictions, a task open) that has the answer in hand;
 - the worker that ran the job, when the task was handed off to it (the /predict budget ran out,
   or `hybridgl prelabel` asked for it);

@@ -36,6 +36,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from backend import queue as q  # noqa: E402
 from tests.labelstudio import start_label_studio  # noqa: E402
 from tests.services import DATA, serve_directory, service_env, start_worker  # noqa: E402
 from worker.hybridgl.settings import Settings  # noqa: E402
@@ -103,15 +104,16 @@ def measure(ls, env: dict, workers: int, threads: int, count: int, side: int, re
         one_prediction_each(ls, warm_ids)
         project, ids = make_project(ls, f"bench {label}", count, side, label, host)
         conn = redis.Redis.from_url(redis_url)
-        prefetched = float(conn.hget("hybridgl:metrics", "images_prefetched") or 0)
+        prefetched = q.metrics(conn).get("images_prefetched", 0.0)
         wall = time.perf_counter()
         summary = prelabel(env, project, work)
         wall = time.perf_counter() - wall
         one_prediction_each(ls, ids)
         if summary["predicted"] != count:
             raise RuntimeError(f"predicted {summary['predicted']} of {count}: {summary}")
-        prefetched = float(conn.hget("hybridgl:metrics", "images_prefetched") or 0) - prefetched
-        return {"workers": workers, "threads": threads, "prefetch": prefetch, "prefetched": int(prefetched), "seconds": summary["seconds"], "wall": wall,
+        prefetched = q.metrics(conn).get("images_prefetched", 0.0) - prefetched
+        return {"workers": workers, "threads": threads, "prefetch": prefetch, "prefetched": int(prefetched),
+                "seconds": summary["seconds"], "wall": wall,
                 "per_minute": summary["images_per_minute"], "load": os.getloadavg()[0]}
     finally:
         for service in services:

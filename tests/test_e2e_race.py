@@ -77,9 +77,9 @@ def test_everyone_at_once_leaves_one_prediction_per_task(ls, race, redis_url, se
     project = ls.create_project(f"race {seed}", CONFIG)
     ls.add_local_storage(project["id"])
     ls.connect_ml_backend(project["id"], race["url"], is_interactive=True)
-    # One photo shared by the rounds and one new each round: tasks of the first are answered within the
-    # budget once its index is cached, the new one's index is built during the round, so a worker is busy
-    # for seconds (a round on cached indexes only could end before the kill, with no job to kill one in).
+    # One photo shared by the rounds and one new each round: the new one's index is built during the
+    # round, so a worker is busy for seconds (a round on cached indexes only could end before the kill,
+    # with no job left to kill a worker in).
     images = [_image(ls, "dog.jpg", "race"), _image(ls, "groceries.jpg", f"race-{seed}")]
     ids = ls.import_tasks(project["id"], _tasks(ls, [images[k % 2] for k in range(TASKS)]))
     plan = {"retrieve": [round(rng.uniform(0, 0.3), 3) for _ in range(3)],

@@ -75,9 +75,9 @@ CONFIG = """<View><Image name="image" value="$image"/>
 
 def test_a_worker_fetches_the_next_image_while_it_runs_a_job(tiny_settings, redis_url, clean_redis, slow_host,
                                                              tmp_path):
-    host, arrivals = slow_host
     """Two queued jobs, one worker: the second job's image is requested while the first job runs (before
     it ends), once, and the second job takes it from the prefetch."""
+    host, arrivals = slow_host
     conn = clean_redis
     jobs = q.JobQueue(conn)
     digest = js.store_label_config(conn, CONFIG)

@@ -27,8 +27,8 @@ from backend.labeling import LabelConfigError, parse_label_config
 from backend.labelstudio import FetchPolicy, LabelStudioError, client_from
 from backend.results import prediction, region_results
 from worker.cache import IndexCache
-from worker.prefetch import Prefetcher
 from worker.hybridgl.images import ImageError, load_image
+from worker.prefetch import Prefetcher
 
 log = logging.getLogger(__name__)
 # httpx logs each request's full URL at INFO: image URLs may carry secrets (presigned signatures, SAS

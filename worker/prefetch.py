@@ -3,9 +3,10 @@ downloaded and decoded in a background thread, so that the worker does not wait 
 between jobs (pre-labeling throughput with a slow or distant image host).
 
 At most two images are held (the next job's, and the current job's until it takes it), so the
-memory is bounded by two decoded images (3 bytes x IMAGE_MAX_PIXELS each at most). The fetch is the job's own (the same access decision, policy and token
-for the same payload), run early; whatever goes wrong in it is forgotten and the job fetches the
-image itself, so failures are reported by the job exactly as without prefetch. An image prefetched
+memory is bounded by two decoded images (3 bytes x IMAGE_MAX_PIXELS each at most). The fetch is the
+job's own (the same access decision, policy and token for the same payload), run early; whatever goes
+wrong in it is forgotten and the job fetches the image itself, so failures are reported by the job
+exactly as without prefetch. An image prefetched
 but not taken within ``MAX_AGE`` seconds is dropped (it may have changed since).
 """
 
@@ -15,8 +16,8 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
